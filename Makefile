@@ -1,0 +1,124 @@
+# fmnist — every command a user or CI needs. `make help` lists them.
+#
+# System packages: protobuf-compiler (protoc, needed to build candle-onnx) and
+# dataset-fashion-mnist (the official data set). As root the targets install them with apt;
+# otherwise they print the apt-get line to run.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+RELEASE := target/release
+TRAIN := $(RELEASE)/fmnist-train
+DATASET_DIR ?= /usr/share/datasets/fashion-mnist
+FMNIST_URL ?= http://fashion-mnist.s3-website.eu-central-1.amazonaws.com
+MODEL ?= weights/fmnist-cnn.onnx
+VENV ?= .venv
+
+.PHONY: help deps deps-data build data train eval serve test test-rust test-onnxruntime check-shipped \
+        bench bench-train bench-serve fmt lint clean
+
+help:
+	@echo "make serve        serve $(MODEL) on http://127.0.0.1:8080 (dev credentials admin/password123)"
+	@echo "make train        train the default CNN on the full training set -> $(MODEL)"
+	@echo "make eval         evaluate $(MODEL) on the official test set"
+	@echo "make test         the whole test suite (what CI runs)"
+	@echo "make data         data/fashion-mnist_{train,test}.csv from the official files"
+	@echo "make bench        all benchmarks (bench-train, bench-serve)"
+	@echo "make bench-train  training throughput and time-to-accuracy on the full data"
+	@echo "make bench-serve  HTTP load test of POST /predict with wrk"
+	@echo "make lint         cargo fmt --check and clippy -D warnings"
+
+# Installs (as root) or names (otherwise) a Debian package when the command/file is missing.
+define need_pkg
+	@if ! $(2) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(1)"; \
+	    (apt-get install -y -qq $(1) || (apt-get update -qq && apt-get install -y -qq $(1))) >/dev/null; \
+	  else \
+	    echo "missing package $(1): run 'sudo apt-get install $(1)'"; exit 1; \
+	  fi; \
+	fi
+endef
+
+deps:
+	$(call need_pkg,protobuf-compiler,command -v protoc)
+
+# The data set package is optional: without it `make data` downloads the official files.
+deps-data:
+	@if [ ! -d $(DATASET_DIR) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null 2>&1 \
+	    || echo "dataset-fashion-mnist is not available here; will download the official files"; \
+	fi
+
+build: deps
+	$(CARGO) build --release --workspace
+
+data/fashion-mnist_train.csv data/fashion-mnist_test.csv &: | deps-data build
+	@mkdir -p data
+	@src=$(DATASET_DIR); \
+	if [ ! -f $$src/train-images-idx3-ubyte.gz ]; then \
+	  src=data/idx; mkdir -p $$src; \
+	  for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
+	    [ -f $$src/$$f.gz ] || curl -fsSL -o $$src/$$f.gz $(FMNIST_URL)/$$f.gz || exit 1; \
+	  done; \
+	fi; \
+	$(TRAIN) convert --images $$src/train-images-idx3-ubyte.gz --out data/fashion-mnist_train.csv && \
+	$(TRAIN) convert --images $$src/t10k-images-idx3-ubyte.gz --out data/fashion-mnist_test.csv
+
+data: data/fashion-mnist_train.csv data/fashion-mnist_test.csv
+
+train: build data
+	$(TRAIN) train --data data/fashion-mnist_train.csv --test data/fashion-mnist_test.csv --out $(MODEL)
+
+# Development server: the documented development credentials, on loopback only.
+serve: build
+	@echo "fmnist-serve: development credentials admin / password123 (FMNIST_BASIC_AUTH); do not use them in production"
+	FMNIST_BASIC_AUTH=admin:password123 $(RELEASE)/fmnist-serve --model $(MODEL)
+
+eval: build data
+	$(TRAIN) eval --model $(MODEL) --data data/fashion-mnist_test.csv --json target/eval.json
+
+# ---- tests -------------------------------------------------------------------------------
+# Everything runs in release mode: candle in debug is ~10x slower, and one profile means one
+# build of the dependencies.
+test: build data test-rust check-shipped test-onnxruntime
+
+test-rust:
+	$(CARGO) test --release --workspace
+
+# The shipped model must keep its promise on the full official test set.
+check-shipped:
+	$(TRAIN) eval --model $(MODEL) --data data/fashion-mnist_test.csv --min-accuracy 0.93 --json target/shipped-eval.json
+
+# An independent runtime (onnxruntime from PyPI) must agree with candle-onnx on our files.
+$(VENV)/.ok: scripts/requirements.txt
+	python3 -m venv $(VENV) || (apt-get install -y -qq python3-venv >/dev/null && python3 -m venv $(VENV))
+	$(VENV)/bin/pip install -q -r scripts/requirements.txt
+	touch $@
+
+test-onnxruntime: build $(VENV)/.ok
+	$(TRAIN) eval --model $(MODEL) --data fixtures/sample.csv --logits-out target/candle-logits.json >/dev/null
+	$(VENV)/bin/python scripts/onnxruntime_agrees.py $(MODEL) fixtures/sample.csv target/candle-logits.json
+
+# ---- benchmarks --------------------------------------------------------------------------
+bench: bench-train bench-serve
+
+BENCH_ADDR ?= 127.0.0.1:18080
+bench-serve: build
+	$(call need_pkg,wrk,command -v wrk)
+	@bash scripts/bench_serve.sh $(RELEASE)/fmnist-serve $(MODEL) $(BENCH_ADDR)
+
+bench-train: build data
+	$(TRAIN) train --data data/fashion-mnist_train.csv --test data/fashion-mnist_test.csv \
+	  --out target/bench/fmnist-cnn.onnx --track-test
+	@python3 scripts/bench_train_summary.py target/bench/fmnist-cnn.json
+
+# ---- housekeeping ------------------------------------------------------------------------
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

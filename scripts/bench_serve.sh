@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Load test of POST /predict: starts fmnist-serve, warms up, then drives single-image requests
+# with Basic auth over keep-alive connections with wrk, at 32 connections and at 1.
+# usage: bench_serve.sh SERVE_BINARY MODEL ADDR
+set -euo pipefail
+bin=$1 model=$2 addr=$3
+dir=$(mktemp -d)
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
+
+# Bench-only credentials, generated per run.
+pass="bench-$RANDOM-$RANDOM"
+FMNIST_BASIC_AUTH="bench:$pass" FMNIST_LOG=warn "$bin" --model "$model" --listen "$addr" >"$dir/out" 2>"$dir/err" &
+pid=$!
+for _ in $(seq 1 300); do
+  curl -fs "http://$addr/v2/health/ready" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+curl -fs "http://$addr/v2/health/ready" >/dev/null || { cat "$dir/err"; exit 1; }
+
+# The request body: the first fixture image.
+body=$(sed -n 2p fixtures/sample.csv | cut -d, -f2- | sed 's/^/{"image":[/; s/$/]}/')
+auth=$(printf 'bench:%s' "$pass" | base64 -w0)
+cat >"$dir/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$body'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Basic $auth"
+LUA
+# The answer must be a real prediction before anything is measured.
+curl -fs -u "bench:$pass" -H 'Content-Type: application/json' -d "$body" "http://$addr/predict" | grep -q '"class"'
+
+run() { # connections duration
+  wrk -t2 -c"$1" -d"$2" --latency -s "$dir/post.lua" "http://$addr/predict"
+}
+summary() { # label file
+  awk -v label="$1" '
+    /Requests\/sec/ {rps=$2}
+    /^ +50%/ {p50=$2} /^ +99%/ {p99=$2}
+    /Non-2xx/ {non2xx=$5}
+    /Socket errors/ {sock=$0}
+    END {printf "%-16s %10.0f req/s   p50 %-9s p99 %-9s errors %d%s\n", label, rps, p50, p99, non2xx+0, (sock ? " (" sock ")" : "")}' "$2"
+}
+echo "warm-up (3 s, 32 connections)"; run 32 3s >/dev/null
+run 32 10s | tee "$dir/c32"
+run 1 10s | tee "$dir/c1"
+echo
+echo "== POST /predict, single image, Basic auth, keep-alive, model $model"
+summary "32 connections" "$dir/c32"
+summary "1 connection" "$dir/c1"

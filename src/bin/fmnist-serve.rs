@@ -1,0 +1,138 @@
+//! `fmnist-serve`: load an ONNX model, warm it up, then serve predictions over HTTP.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fmnist::server::auth::{hash_password, Authenticator};
+use fmnist::server::config::{LogFormat, ServeConfig};
+use fmnist::server::{serve, shutdown, AppState};
+use fmnist::OnnxModel;
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "fmnist-serve",
+    version,
+    about = "Serve a Fashion-MNIST ONNX model over HTTP (POST /predict and the Open Inference Protocol v2).",
+    long_about = "Serve a Fashion-MNIST ONNX model over HTTP.\n\n\
+        Routes: POST /predict, the Open Inference Protocol (KServe v2) under /v2, GET /metrics \
+        (Prometheus), GET /openapi.json. Prediction and model-metadata routes need HTTP Basic \
+        auth; health, readiness and metrics are open.\n\n\
+        Credentials: --credentials-file with 'user:$argon2id$...' lines (see the hash-password \
+        subcommand), or FMNIST_BASIC_AUTH=user:password for development. There are no built-in \
+        credentials: the server refuses to start without any.\n\n\
+        Every option can also be set through the environment variable shown beside it."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeConfig,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read a password from standard input and print a credentials-file line for USER.
+    HashPassword {
+        /// The user name.
+        user: String,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FMNIST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn hash_command(user: &str) -> Result<()> {
+    anyhow::ensure!(
+        !user.is_empty() && !user.contains(':'),
+        "the user name must be non-empty and contain no ':'"
+    );
+    eprint!("password for {user} (read from standard input): ");
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password")?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    anyhow::ensure!(!password.is_empty(), "the password is empty");
+    eprintln!();
+    println!("{user}:{}", hash_password(password)?);
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Logging may not be set up yet (bad flags, missing credentials): plain stderr.
+            eprintln!("error: {}", fmnist::report::describe_error(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::HashPassword { user }) = &cli.command {
+        return hash_command(user);
+    }
+    let cfg = cli.serve;
+    init_logging(cfg.log_format);
+
+    let dev_pair = std::env::var("FMNIST_BASIC_AUTH")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let auth = Authenticator::from_sources(cfg.credentials_file.as_deref(), dev_pair.as_deref())?;
+    let source = match (&cfg.credentials_file, &dev_pair) {
+        (Some(f), Some(_)) => format!("{} and FMNIST_BASIC_AUTH (development)", f.display()),
+        (Some(f), None) => f.display().to_string(),
+        _ => "FMNIST_BASIC_AUTH (development credentials)".into(),
+    };
+    tracing::info!(users = auth.user_count(), %source, "Basic auth configured");
+
+    let started = Instant::now();
+    let model = Arc::new(OnnxModel::load(&cfg.model)?);
+    model.warm_up().context("warming up the model")?;
+    tracing::info!(
+        model = %cfg.model.display(),
+        name = %cfg.resolved_model_name(),
+        layout = ?model.layout(),
+        bytes = model.size_bytes(),
+        ms = started.elapsed().as_millis() as u64,
+        "model loaded and warmed up"
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fmnist-http")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "listening beyond loopback over plain HTTP: Basic auth passwords travel unencrypted; put TLS in front");
+        }
+        let state = AppState::new(cfg, model, auth);
+        tracing::info!(%addr, "listening");
+        // A plain line on stdout too, for scripts and tests that wait for the port.
+        println!("fmnist-serve listening on http://{addr}");
+        std::io::stdout().flush().ok();
+        serve(state, listener, shutdown::signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}

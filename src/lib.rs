@@ -1,0 +1,15 @@
+//! fmnist: the pieces shared by training (`fmnist-train`) and serving (`fmnist-serve`).
+//!
+//! The library turns pixels into tensors ([`preprocess`]), names the classes ([`classes`]),
+//! writes and runs ONNX models ([`onnx`]) and serves them over HTTP ([`server`]). It never
+//! reads CSV files (polars stays in the training crate). Keeping the preprocessing in one
+//! place is what guarantees that a model sees the same numbers at serving time as in training.
+
+pub mod classes;
+pub mod onnx;
+pub mod preprocess;
+pub mod report;
+pub mod server;
+
+pub use classes::{CLASS_NAMES, NUM_CLASSES};
+pub use onnx::{InputLayout, ModelError, OnnxModel};

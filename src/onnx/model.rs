@@ -1,0 +1,410 @@
+//! Loading and running an ONNX classifier with candle-onnx.
+//!
+//! candle-onnx's `simple_eval` converts every initializer from protobuf on each call; for a
+//! server that would copy all weights per request (hundreds of MB for VGG16). [`OnnxModel`]
+//! converts them once at load, keeps a copy of the graph without initializers, and passes the
+//! ready tensors (reference-counted, so not copied) as inputs on every run.
+
+use super::OUTPUT_NAME;
+use crate::classes::NUM_CLASSES;
+use crate::preprocess::InputLayout;
+use candle_core::{Device, Tensor};
+use candle_onnx::onnx::{self, tensor_shape_proto::dimension::Value as Dim, type_proto};
+use prost::Message;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The operators candle-onnx 0.11 can evaluate. A graph using anything else is refused at
+/// load time instead of failing on the first request.
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Abs",
+    "Add",
+    "And",
+    "ArgMax",
+    "ArgMin",
+    "AveragePool",
+    "BatchNormalization",
+    "Cast",
+    "Ceil",
+    "Clip",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "Conv",
+    "Cos",
+    "CumSum",
+    "Div",
+    "Dropout",
+    "Equal",
+    "Erf",
+    "Exp",
+    "Expand",
+    "Flatten",
+    "Floor",
+    "Gather",
+    "GatherElements",
+    "Gelu",
+    "Gemm",
+    "Greater",
+    "GreaterOrEqual",
+    "HardSwish",
+    "Identity",
+    "LeakyRelu",
+    "Less",
+    "LessOrEqual",
+    "Log",
+    "LogSoftmax",
+    "MatMul",
+    "MaxPool",
+    "Min",
+    "Mul",
+    "Neg",
+    "Not",
+    "Or",
+    "PRelu",
+    "Pad",
+    "Pow",
+    "Range",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceSum",
+    "Relu",
+    "Reshape",
+    "Resize",
+    "Selu",
+    "Shape",
+    "Sigmoid",
+    "Sign",
+    "Sin",
+    "Size",
+    "Slice",
+    "Softmax",
+    "Split",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Tile",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
+    "Xor",
+];
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read model file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not an ONNX model (protobuf decoding failed: {source})")]
+    Decode {
+        path: PathBuf,
+        source: prost::DecodeError,
+    },
+    #[error("{path}: the model has no graph")]
+    NoGraph { path: PathBuf },
+    #[error("{path}: node '{node}' uses operator '{op}', which candle-onnx cannot run")]
+    UnsupportedOp {
+        path: PathBuf,
+        node: String,
+        op: String,
+    },
+    #[error(
+        "{path}: input '{name}' has shape {found}; expected [N,1,28,28], [N,784] or [N,3,H,W] (float32)"
+    )]
+    InputShape {
+        path: PathBuf,
+        name: String,
+        found: String,
+    },
+    #[error("{path}: expected exactly one graph input besides the weights, found {found}")]
+    InputCount { path: PathBuf, found: usize },
+    #[error("{path}: output '{name}' has shape {found}; expected [N,{NUM_CLASSES}]")]
+    OutputShape {
+        path: PathBuf,
+        name: String,
+        found: String,
+    },
+    #[error("{path}: initializer '{name}' cannot be converted: {source}")]
+    Initializer {
+        path: PathBuf,
+        name: String,
+        source: candle_core::Error,
+    },
+    #[error("input tensor has shape {found:?}; this model wants {expected}")]
+    BadInput { found: Vec<usize>, expected: String },
+    #[error("model evaluation failed: {0}")]
+    Eval(#[from] candle_core::Error),
+}
+
+/// A loaded classifier: weights converted once, ready to run many times.
+#[derive(Debug)]
+pub struct OnnxModel {
+    path: PathBuf,
+    graph_only: onnx::ModelProto,
+    weights: Vec<(String, Tensor)>,
+    input_name: String,
+    output_name: String,
+    layout: InputLayout,
+    metadata: Vec<(String, String)>,
+    size_bytes: u64,
+}
+
+fn shape_of(info: &onnx::ValueInfoProto) -> Option<(i32, Vec<Option<i64>>)> {
+    let ty = info.r#type.as_ref()?.value.as_ref()?;
+    let type_proto::Value::TensorType(t) = ty else {
+        return None;
+    };
+    let dims = t
+        .shape
+        .as_ref()?
+        .dim
+        .iter()
+        .map(|d| match d.value {
+            Some(Dim::DimValue(v)) => Some(v),
+            _ => None,
+        })
+        .collect();
+    Some((t.elem_type, dims))
+}
+
+fn show_dims(dims: &[Option<i64>]) -> String {
+    let parts: Vec<String> = dims
+        .iter()
+        .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
+        .collect();
+    format!("[{}]", parts.join(","))
+}
+
+impl OnnxModel {
+    /// Reads, validates and prepares a model file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ModelError> {
+        let path = path.as_ref().to_path_buf();
+        let bytes = std::fs::read(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let proto =
+            onnx::ModelProto::decode(bytes.as_slice()).map_err(|source| ModelError::Decode {
+                path: path.clone(),
+                source,
+            })?;
+        Self::from_proto(path, proto, bytes.len() as u64)
+    }
+
+    /// Validates and prepares an in-memory model; `path` is used in messages only.
+    pub fn from_proto(
+        path: PathBuf,
+        mut proto: onnx::ModelProto,
+        size_bytes: u64,
+    ) -> Result<Self, ModelError> {
+        let Some(graph) = proto.graph.as_mut() else {
+            return Err(ModelError::NoGraph { path });
+        };
+        if graph.node.is_empty() {
+            return Err(ModelError::NoGraph { path });
+        }
+        for n in &graph.node {
+            if !SUPPORTED_OPS.contains(&n.op_type.as_str()) || !n.domain.is_empty() {
+                return Err(ModelError::UnsupportedOp {
+                    path,
+                    node: n.name.clone(),
+                    op: n.op_type.clone(),
+                });
+            }
+        }
+        let init_names: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs: Vec<&onnx::ValueInfoProto> = graph
+            .input
+            .iter()
+            .filter(|i| !init_names.contains(&i.name.as_str()))
+            .collect();
+        if inputs.len() != 1 {
+            return Err(ModelError::InputCount {
+                path,
+                found: inputs.len(),
+            });
+        }
+        let input = inputs[0];
+        let input_name = input.name.clone();
+        let bad_input = |found: String| ModelError::InputShape {
+            path: path.clone(),
+            name: input_name.clone(),
+            found,
+        };
+        let (elem, dims) = shape_of(input).ok_or_else(|| bad_input("unknown".into()))?;
+        if elem != onnx::tensor_proto::DataType::Float as i32 {
+            return Err(bad_input(format!(
+                "{} of element type {elem}",
+                show_dims(&dims)
+            )));
+        }
+        let layout = match dims.as_slice() {
+            [_, Some(784)] => InputLayout::Flat,
+            [_, Some(1), Some(28), Some(28)] => InputLayout::Gray,
+            [_, Some(3), Some(h), Some(w)] if h == w && *h >= 1 => {
+                InputLayout::Rgb { size: *h as usize }
+            }
+            _ => return Err(bad_input(show_dims(&dims))),
+        };
+        let Some(output) = graph.output.first() else {
+            return Err(ModelError::OutputShape {
+                path,
+                name: "?".into(),
+                found: "none".into(),
+            });
+        };
+        let output_name = output.name.clone();
+        if let Some((_, odims)) = shape_of(output) {
+            if odims.len() != 2 || odims[1].is_some_and(|d| d != NUM_CLASSES as i64) {
+                return Err(ModelError::OutputShape {
+                    path,
+                    name: output_name,
+                    found: show_dims(&odims),
+                });
+            }
+        }
+        let mut weights = Vec::with_capacity(graph.initializer.len());
+        for t in std::mem::take(&mut graph.initializer) {
+            let tensor = candle_onnx::eval::get_tensor(&t, &t.name).map_err(|source| {
+                ModelError::Initializer {
+                    path: path.clone(),
+                    name: t.name.clone(),
+                    source,
+                }
+            })?;
+            weights.push((t.name, tensor));
+        }
+        // Old-style graphs list initializers among the inputs too; simple_eval checks those
+        // against the values we pass, which is what we want.
+        let metadata = proto
+            .metadata_props
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect();
+        Ok(Self {
+            path,
+            graph_only: proto,
+            weights,
+            input_name,
+            output_name,
+            layout,
+            metadata,
+            size_bytes,
+        })
+    }
+
+    /// The input layout this model wants.
+    pub fn layout(&self) -> InputLayout {
+        self.layout
+    }
+
+    /// The file the model came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the model file in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Name of the graph input.
+    pub fn input_name(&self) -> &str {
+        &self.input_name
+    }
+
+    /// Name of the graph output.
+    pub fn output_name(&self) -> &str {
+        &self.output_name
+    }
+
+    /// Metadata properties stored in the file (class names, training summary, ...).
+    pub fn metadata(&self) -> &[(String, String)] {
+        &self.metadata
+    }
+
+    /// One metadata value.
+    pub fn metadata_value(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Runs the graph on an input already in the model's layout; returns `[N, 10]` logits.
+    pub fn run(&self, input: &Tensor) -> Result<Tensor, ModelError> {
+        let expected = self
+            .layout
+            .batch_shape(input.dims().first().copied().unwrap_or(0));
+        if input.dims() != expected.as_slice() || input.dims()[0] == 0 {
+            return Err(ModelError::BadInput {
+                found: input.dims().to_vec(),
+                expected: format!("{:?} with N >= 1", self.layout.batch_shape(0))
+                    .replace("[0", "[N"),
+            });
+        }
+        let mut values: HashMap<String, Tensor> = self
+            .weights
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        values.insert(self.input_name.clone(), input.clone());
+        let mut out = candle_onnx::simple_eval(&self.graph_only, values)?;
+        let logits = out
+            .remove(&self.output_name)
+            .or_else(|| out.remove(OUTPUT_NAME))
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("output {} missing", self.output_name))
+            })?;
+        let n = input.dims()[0];
+        if logits.dims() != [n, NUM_CLASSES] {
+            return Err(ModelError::Eval(candle_core::Error::Msg(format!(
+                "model produced shape {:?}, expected [{n},{NUM_CLASSES}]",
+                logits.dims()
+            ))));
+        }
+        Ok(logits)
+    }
+
+    /// Runs the model on images given as 0–255 pixel rows of 784 values each.
+    pub fn logits_for_pixels(&self, images: &[&[u8]]) -> Result<Tensor, ModelError> {
+        let input = crate::preprocess::batch_from_pixels(images, self.layout, &Device::Cpu)?;
+        self.run(&input)
+    }
+
+    /// Runs a batch of zero images once so the first real request does not pay for lazy
+    /// initialisation (thread pools, allocator growth).
+    pub fn warm_up(&self) -> Result<(), ModelError> {
+        let blank = [0u8; crate::classes::IMAGE_PIXELS];
+        self.logits_for_pixels(&[&blank])?;
+        Ok(())
+    }
+}
+
+/// Row-wise softmax of `[N, C]` logits, computed in f32 with the max subtracted.
+pub fn softmax_rows(logits: &[f32], classes: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks_exact(classes) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = row.iter().map(|v| (v - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        out.extend(exps.iter().map(|e| e / sum));
+    }
+    out
+}
+
+/// Index of the largest value (first one on ties).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best
+}

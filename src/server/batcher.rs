@@ -1,0 +1,149 @@
+//! Dynamic batching: concurrent requests are queued and run together in one forward pass,
+//! like Triton's dynamic batcher. The model runs on a dedicated thread, off the tokio reactor.
+//!
+//! A batch closes when it holds `max_batch` images or `max_delay` has passed since its first
+//! request arrived; a request is never split, and one that would overflow a batch waits for the
+//! next. Each image's logits depend only on that image, so an answer never depends on what it
+//! was batched with.
+
+use super::error::ApiError;
+use super::metrics::Metrics;
+use crate::onnx::OnnxModel;
+use crate::preprocess::batch_from_unit;
+use candle_core::Device;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherConfig {
+    /// Most images in one forward pass.
+    pub max_batch: usize,
+    /// Longest a request waits for others to join its batch.
+    pub max_delay: Duration,
+    /// Requests that may wait; beyond that new ones get 503 with Retry-After.
+    pub queue_capacity: usize,
+}
+
+struct Job {
+    /// `n * 784` values in 0–1.
+    pixels: Vec<f32>,
+    n: usize,
+    reply: oneshot::Sender<Result<Vec<f32>, String>>,
+}
+
+/// Handle to the batching thread; cheap to share.
+pub struct Batcher {
+    tx: SyncSender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+impl Batcher {
+    /// Starts the worker thread. It ends when the last handle is dropped.
+    pub fn start(model: Arc<OnnxModel>, cfg: BatcherConfig, metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_capacity.max(1));
+        let m = Arc::clone(&metrics);
+        std::thread::Builder::new()
+            .name("fmnist-batcher".into())
+            .spawn(move || worker(model, cfg, rx, m))
+            .expect("spawning the batcher thread");
+        Self { tx, metrics }
+    }
+
+    /// Queues `n` images (0–1 values, 784 each) and waits for their `n * 10` logits.
+    pub async fn infer(&self, pixels: Vec<f32>, n: usize) -> Result<Vec<f32>, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Job { pixels, n, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                return Err(ApiError::QueueFull {
+                    retry_after_secs: 1,
+                });
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                return Err(ApiError::ShuttingDown);
+            }
+        }
+        rx.await
+            .map_err(|_| ApiError::Internal("the inference thread stopped".into()))?
+            .map_err(ApiError::Internal)
+    }
+}
+
+fn worker(
+    model: Arc<OnnxModel>,
+    cfg: BatcherConfig,
+    rx: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+) {
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        let deadline = Instant::now() + cfg.max_delay;
+        let mut total = first.n;
+        let mut jobs = vec![first];
+        while total < cfg.max_batch {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let next = if wait.is_zero() {
+                rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
+            } else {
+                rx.recv_timeout(wait)
+            };
+            match next {
+                Ok(j) if total + j.n > cfg.max_batch => {
+                    carried = Some(j);
+                    break;
+                }
+                Ok(j) => {
+                    total += j.n;
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        metrics.queue_depth.fetch_sub(jobs.len(), Ordering::Relaxed);
+        let started = Instant::now();
+        let result = run_batch(&model, &jobs, total);
+        metrics.batch(total, started.elapsed().as_secs_f64());
+        match result {
+            Ok(logits) => {
+                let mut offset = 0;
+                for job in jobs {
+                    let len = job.n * crate::NUM_CLASSES;
+                    let _ = job.reply.send(Ok(logits[offset..offset + len].to_vec()));
+                    offset += len;
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn run_batch(model: &OnnxModel, jobs: &[Job], total: usize) -> Result<Vec<f32>, String> {
+    let mut pixels = Vec::with_capacity(total * crate::classes::IMAGE_PIXELS);
+    for j in jobs {
+        pixels.extend_from_slice(&j.pixels);
+    }
+    let input =
+        batch_from_unit(&pixels, model.layout(), &Device::Cpu).map_err(|e| e.to_string())?;
+    let logits = model.run(&input).map_err(|e| e.to_string())?;
+    logits
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,84 @@
+//! Server settings: every flag has an `FMNIST_*` environment twin.
+
+use clap::{Args, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// ONNX model to serve: input [N,1,28,28], [N,784] or [N,3,S,S] float32 in 0–1, output
+    /// [N,10] logits.
+    #[arg(long, env = "FMNIST_MODEL", default_value = "weights/fmnist-cnn.onnx")]
+    pub model: PathBuf,
+
+    /// Name of the model in the v2 routes; defaults to the model file's stem.
+    #[arg(long, env = "FMNIST_MODEL_NAME")]
+    pub model_name: Option<String>,
+
+    /// Address and port to listen on. Use 0.0.0.0:8080 to accept connections from other
+    /// machines (and put TLS in front of it: Basic auth sends passwords in every request).
+    #[arg(long, env = "FMNIST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// File of 'user:$argon2id$...' lines (make one with `fmnist-serve hash-password USER`).
+    /// For development, FMNIST_BASIC_AUTH=user:password may be set instead or as well.
+    #[arg(long, env = "FMNIST_CREDENTIALS_FILE")]
+    pub credentials_file: Option<PathBuf>,
+
+    /// Largest request body accepted, in bytes (larger ones get 413 before being read).
+    #[arg(long, env = "FMNIST_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most images in one request (`images` of /predict, N of v2 infer).
+    #[arg(long, env = "FMNIST_MAX_IMAGES", default_value_t = 256)]
+    pub max_images: usize,
+
+    /// Most images the dynamic batcher puts in one forward pass.
+    #[arg(long, env = "FMNIST_MAX_BATCH_SIZE", default_value_t = 64)]
+    pub max_batch_size: usize,
+
+    /// Longest a request waits for others to share its forward pass, in microseconds
+    /// (0: take only what is already queued).
+    #[arg(long, env = "FMNIST_MAX_QUEUE_DELAY_US", default_value_t = 500)]
+    pub max_queue_delay_us: u64,
+
+    /// Requests that may wait for the model; beyond it, 503 with Retry-After.
+    #[arg(long, env = "FMNIST_QUEUE_CAPACITY", default_value_t = 1024)]
+    pub queue_capacity: usize,
+
+    /// Most open client connections; further ones are closed at once.
+    #[arg(long, env = "FMNIST_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// A client must send its request headers within this many milliseconds.
+    #[arg(long, env = "FMNIST_HEADER_READ_TIMEOUT_MS", default_value_t = 5000)]
+    pub header_read_timeout_ms: u64,
+
+    /// On SIGTERM/Ctrl-C, how long in-flight requests may take to finish, in seconds.
+    #[arg(long, env = "FMNIST_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "FMNIST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl ServeConfig {
+    /// The model's name in the v2 routes.
+    pub fn resolved_model_name(&self) -> String {
+        self.model_name.clone().unwrap_or_else(|| {
+            self.model
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "fmnist".into())
+        })
+    }
+}

@@ -1,0 +1,178 @@
+//! Prometheus metrics, kept in memory and rendered as text on `GET /metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// A cumulative histogram with fixed upper bounds.
+#[derive(Debug, Clone)]
+struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        for (i, b) in self.bounds.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+#[derive(Debug, Default)]
+struct Inner {
+    requests: BTreeMap<(&'static str, u16), u64>,
+    latency: BTreeMap<&'static str, Histogram>,
+    batch_size: Option<Histogram>,
+    inference: Option<Histogram>,
+}
+
+/// All server metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+    /// Requests waiting for the batcher (a gauge).
+    pub queue_depth: AtomicUsize,
+}
+
+impl Metrics {
+    /// Records one answered request.
+    pub fn request(&self, route: &'static str, status: u16, seconds: f64) {
+        let mut m = self.inner.lock().expect("metrics lock");
+        *m.requests.entry((route, status)).or_default() += 1;
+        m.latency
+            .entry(route)
+            .or_insert_with(|| Histogram::new(LATENCY_BOUNDS))
+            .observe(seconds);
+    }
+
+    /// Records one forward pass of `images` images taking `seconds`.
+    pub fn batch(&self, images: usize, seconds: f64) {
+        let mut m = self.inner.lock().expect("metrics lock");
+        m.batch_size
+            .get_or_insert_with(|| Histogram::new(BATCH_BOUNDS))
+            .observe(images as f64);
+        m.inference
+            .get_or_insert_with(|| Histogram::new(LATENCY_BOUNDS))
+            .observe(seconds);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let m = self.inner.lock().expect("metrics lock").clone_inner();
+        let mut out = String::new();
+        out.push_str("# HELP fmnist_requests_total Requests answered, by route and status.\n");
+        out.push_str("# TYPE fmnist_requests_total counter\n");
+        for ((route, status), n) in &m.requests {
+            let _ = writeln!(
+                out,
+                "fmnist_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        out.push_str(
+            "# HELP fmnist_request_duration_seconds Time from request to response, by route.\n",
+        );
+        out.push_str("# TYPE fmnist_request_duration_seconds histogram\n");
+        for (route, h) in &m.latency {
+            h.render(
+                &mut out,
+                "fmnist_request_duration_seconds",
+                &format!("route=\"{route}\""),
+            );
+        }
+        out.push_str("# HELP fmnist_batch_size Images per forward pass of the model.\n");
+        out.push_str("# TYPE fmnist_batch_size histogram\n");
+        m.batch_size
+            .unwrap_or_else(|| Histogram::new(BATCH_BOUNDS))
+            .render(&mut out, "fmnist_batch_size", "");
+        out.push_str("# HELP fmnist_inference_seconds Time of one forward pass of the model.\n");
+        out.push_str("# TYPE fmnist_inference_seconds histogram\n");
+        m.inference
+            .unwrap_or_else(|| Histogram::new(LATENCY_BOUNDS))
+            .render(&mut out, "fmnist_inference_seconds", "");
+        out.push_str("# HELP fmnist_queue_depth Requests waiting for the model.\n");
+        out.push_str("# TYPE fmnist_queue_depth gauge\n");
+        let _ = writeln!(
+            out,
+            "fmnist_queue_depth {}",
+            self.queue_depth.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+impl Inner {
+    fn clone_inner(&self) -> Inner {
+        Inner {
+            requests: self.requests.clone(),
+            latency: self.latency.clone(),
+            batch_size: self.batch_size.clone(),
+            inference: self.inference.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        m.request("/predict", 200, 0.002);
+        m.request("/predict", 200, 0.02);
+        m.request("/predict", 401, 0.001);
+        m.batch(3, 0.001);
+        let text = m.render();
+        assert!(text.contains("fmnist_requests_total{route=\"/predict\",status=\"200\"} 2"));
+        assert!(text.contains("fmnist_requests_total{route=\"/predict\",status=\"401\"} 1"));
+        assert!(text.contains(
+            "fmnist_request_duration_seconds_bucket{route=\"/predict\",le=\"0.0025\"} 2"
+        ));
+        assert!(text
+            .contains("fmnist_request_duration_seconds_bucket{route=\"/predict\",le=\"+Inf\"} 3"));
+        assert!(text.contains("fmnist_batch_size_bucket{le=\"4\"} 1"));
+        assert!(text.contains("fmnist_batch_size_bucket{le=\"2\"} 0"));
+        assert!(text.contains("fmnist_queue_depth 0"));
+    }
+}

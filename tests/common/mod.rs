@@ -1,0 +1,251 @@
+//! Starting the real `fmnist-serve` binary on an ephemeral loopback port for tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const USER: &str = "tester";
+pub const PASSWORD: &str = "correct-horse-battery";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn shipped_model() -> PathBuf {
+    repo().join("weights/fmnist-cnn.onnx")
+}
+
+/// The fixture images (first 400 of the official test set) and their labels.
+pub fn fixture() -> (Vec<Vec<u8>>, Vec<u8>) {
+    let text = std::fs::read_to_string(repo().join("fixtures/sample.csv")).unwrap();
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for line in text.lines().skip(1) {
+        let v: Vec<u8> = line.split(',').map(|f| f.parse().unwrap()).collect();
+        labels.push(v[0]);
+        images.push(v[1..].to_vec());
+    }
+    (images, labels)
+}
+
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    pub base: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts the server with the shipped model and development credentials, plus `args`.
+    pub fn start(args: &[&str]) -> Server {
+        Self::start_with(
+            args,
+            &[("FMNIST_BASIC_AUTH", &format!("{USER}:{PASSWORD}"))],
+        )
+    }
+
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fmnist-serve"));
+        cmd.args(["--listen", "127.0.0.1:0", "--model"])
+            .arg(shipped_model())
+            .args(args)
+            .env_remove("FMNIST_BASIC_AUTH")
+            .env_remove("FMNIST_CREDENTIALS_FILE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting fmnist-serve");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().unwrap();
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("fmnist-serve listening on http://") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start; stderr:\n{}", stderr.lock().unwrap());
+            }
+        };
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            addr,
+            stderr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn logs(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status (at most `limit`).
+    pub fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "server did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response read off the wire.
+#[derive(Debug)]
+pub struct Raw {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl Raw {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends raw bytes on a fresh connection (closing after the request) and reads the response.
+pub fn raw(addr: &str, request: &[u8]) -> Raw {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // No write shutdown: hyper treats a half-closed connection as gone. `Connection: close`
+    // makes the server close after answering.
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    parse_response(&out)
+}
+
+pub fn parse_response(bytes: &[u8]) -> Raw {
+    let text = String::from_utf8_lossy(bytes).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    Raw {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+pub fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// A request with the right credentials unless `auth` says otherwise.
+pub fn request(
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    ctype: Option<&str>,
+    body: &str,
+) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    if let Some(a) = auth {
+        r.push_str(&format!("Authorization: {a}\r\n"));
+    }
+    if let Some(c) = ctype {
+        r.push_str(&format!("Content-Type: {c}\r\n"));
+    }
+    r.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    r.into_bytes()
+}
+
+/// POSTs JSON with the test credentials.
+pub fn post(server: &Server, path: &str, body: &serde_json::Value) -> Raw {
+    raw(
+        &server.addr,
+        &request(
+            "POST",
+            path,
+            Some(&basic(USER, PASSWORD)),
+            Some("application/json"),
+            &body.to_string(),
+        ),
+    )
+}
+
+pub fn get(server: &Server, path: &str, auth: bool) -> Raw {
+    let a = basic(USER, PASSWORD);
+    raw(
+        &server.addr,
+        &request("GET", path, auth.then_some(a.as_str()), None, ""),
+    )
+}
+
+/// The sibling `fmnist-train` binary built by `cargo test --workspace`.
+pub fn train_binary() -> PathBuf {
+    let serve = Path::new(env!("CARGO_BIN_EXE_fmnist-serve"));
+    let p = serve.with_file_name("fmnist-train");
+    assert!(
+        p.exists(),
+        "{} not built: run the tests with `cargo test --workspace` (make test does)",
+        p.display()
+    );
+    p
+}

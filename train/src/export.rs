@@ -1,0 +1,87 @@
+//! Trained model → ONNX file (through `fmnist::onnx::writer`) + safetensors.
+
+use crate::models::Classifier;
+use crate::train::save_tensors_atomic;
+use anyhow::{Context, Result};
+use fmnist::onnx::{writer, GraphSpec};
+use fmnist::{CLASS_NAMES, NUM_CLASSES};
+use std::path::Path;
+
+/// Writes `out` (ONNX) and its `.safetensors` sibling. `metadata` is stored in the ONNX file
+/// beside the class names.
+pub fn export(model: &dyn Classifier, out: &Path, metadata: Vec<(String, String)>) -> Result<()> {
+    let name = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "fmnist".into());
+    let mut meta = vec![(
+        "class_names".to_string(),
+        serde_json::to_string(&CLASS_NAMES)?,
+    )];
+    meta.extend(metadata);
+    let spec = GraphSpec {
+        name,
+        input: model.layout(),
+        num_classes: NUM_CLASSES,
+        layers: model.export_layers()?,
+        metadata: meta,
+    };
+    writer::write_model(out, &spec)?;
+    let st = out.with_extension("safetensors");
+    save_tensors_atomic(&st, &model.params().tensors())
+        .with_context(|| format!("writing {}", st.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader;
+    use crate::models::cnn::{Cnn, CnnConfig};
+    use candle_core::Device;
+    use fmnist::OnnxModel;
+
+    #[test]
+    fn onnx_file_matches_the_candle_model_on_every_fixture_image() {
+        let data = crate::data::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/sample.csv"),
+        )
+        .unwrap();
+        let dev = Device::Cpu;
+        let model = Cnn::new(CnnConfig::default(), &mut loader::rng(3, 0), &dev).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.onnx");
+        export(&model, &out, vec![("k".into(), "v".into())]).unwrap();
+        assert!(out.with_extension("safetensors").exists());
+
+        let onnx = OnnxModel::load(&out).unwrap();
+        assert_eq!(onnx.metadata_value("k"), Some("v"));
+        assert!(onnx
+            .metadata_value("class_names")
+            .unwrap()
+            .contains("Ankle boot"));
+        let ours = crate::train::predict(&model, &data, 100, &dev)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let images: Vec<&[u8]> = (0..data.len()).map(|i| data.image(i)).collect();
+        let theirs = onnx
+            .logits_for_pixels(&images)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "image {i}: logits differ by {diff}");
+            assert_eq!(
+                fmnist::onnx::model::argmax(a),
+                fmnist::onnx::model::argmax(b),
+                "image {i}"
+            );
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! `fmnist-train`: convert data, train, evaluate and export Fashion-MNIST classifiers.
+
+mod data;
+mod export;
+mod loader;
+mod metrics;
+mod models;
+mod optim;
+mod train;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use fmnist::onnx::model::argmax;
+use fmnist::OnnxModel;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+// Training allocates and frees many large tensors every step; mimalloc reuses them far better
+// than glibc malloc (about 20 % of a step's time otherwise goes to page faults).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "fmnist-train",
+    version,
+    about = "Train, evaluate and export Fashion-MNIST classifiers with candle.",
+    long_about = "Train, evaluate and export Fashion-MNIST classifiers with candle.\n\n\
+        Data can be the Kaggle CSV layout (label,pixel1..pixel784; header optional) or the \
+        official IDX files (*-images-idx3-ubyte[.gz], with the labels file beside it).\n\n\
+        Typical use:\n  \
+        fmnist-train convert --images train-images-idx3-ubyte.gz --out data/fashion-mnist_train.csv\n  \
+        fmnist-train train --data data/fashion-mnist_train.csv --test data/fashion-mnist_test.csv\n  \
+        fmnist-train eval --model weights/fmnist-cnn.onnx --data data/fashion-mnist_test.csv"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model and write it as ONNX (+ .safetensors and .json beside it).
+    Train(TrainArgs),
+    /// Evaluate an ONNX model or a safetensors checkpoint on a labelled data file.
+    Eval(EvalArgs),
+    /// Write an IDX images/labels pair as a Kaggle-layout CSV file.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Training data (CSV or IDX images file).
+    #[arg(long, default_value = "data/fashion-mnist_train.csv")]
+    data: PathBuf,
+    /// Test data evaluated once training ends (through the exported ONNX file); the
+    /// metrics go into the .json written beside the model.
+    #[arg(long)]
+    test: Option<PathBuf>,
+    /// Where to write the ONNX model. The .safetensors weights and .json summary go beside it,
+    /// and so does the checkpoint (.ckpt.*) while training runs.
+    #[arg(long, default_value = "weights/fmnist-cnn.onnx")]
+    out: PathBuf,
+    /// Model architecture.
+    #[arg(long, default_value = "cnn", value_parser = ["cnn"])]
+    model: String,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 12)]
+    epochs: usize,
+    /// Images per optimisation step.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// Peak learning rate (AdamW; linear warm-up, then cosine decay to zero).
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Decoupled weight decay.
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    /// Length of the learning-rate warm-up, in epochs.
+    #[arg(long, default_value_t = 0.5)]
+    warmup_epochs: f64,
+    /// Training-time augmentation.
+    #[arg(long, value_enum, default_value_t = loader::Augment::Flip)]
+    augment: loader::Augment,
+    /// Share of the training file held out (stratified) for the per-epoch validation line.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Seed for the split, shuffling, augmentation, dropout and initial weights: the same
+    /// seed and data give the same weights.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Width of the first and second convolution and of the hidden layer.
+    #[arg(long, default_values_t = [32, 64, 128], num_args = 3, value_names = ["C1", "C2", "HIDDEN"])]
+    cnn_sizes: Vec<usize>,
+    /// Dropout before the output layer.
+    #[arg(long, default_value_t = 0.3)]
+    dropout: f32,
+    /// Continue the interrupted run whose checkpoint sits beside --out.
+    #[arg(long)]
+    resume: bool,
+    /// Use only the first N images of --data (quick experiments).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Train on the CPU even when built with CUDA and a GPU is present.
+    #[arg(long)]
+    cpu: bool,
+    /// Also measure accuracy on --test after every epoch (for time-to-accuracy benchmarks;
+    /// never used to choose anything).
+    #[arg(long, requires = "test")]
+    track_test: bool,
+    /// No progress bars or per-epoch lines.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// An ONNX model, or a .safetensors checkpoint (its recipe is read from the .json beside it).
+    #[arg(long)]
+    model: PathBuf,
+    /// Labelled data (CSV or IDX images file).
+    #[arg(long, default_value = "data/fashion-mnist_test.csv")]
+    data: PathBuf,
+    /// Also write the metrics as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Fail (exit 1) when accuracy is below this value.
+    #[arg(long)]
+    min_accuracy: Option<f64>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    /// Write every image's logits as JSON (`{"logits": [[10 floats], ...]}`), for comparing
+    /// runtimes.
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// IDX images file (gzipped or not).
+    #[arg(long)]
+    images: PathBuf,
+    /// IDX labels file; by default the official name beside --images.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// CSV file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn device(force_cpu: bool) -> Result<Device> {
+    if force_cpu {
+        return Ok(Device::Cpu);
+    }
+    Ok(Device::cuda_if_available(0)?)
+}
+
+fn load_data(path: &Path, limit: Option<usize>) -> Result<data::Dataset> {
+    let d = data::load(path)?;
+    Ok(match limit {
+        Some(n) if n < d.len() => d.select(&(0..n).collect::<Vec<_>>()),
+        _ => d,
+    })
+}
+
+/// Logits of an ONNX model for every image of a data set.
+fn onnx_logits(model: &OnnxModel, d: &data::Dataset, batch: usize) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(d.len());
+    let rows: Vec<usize> = (0..d.len()).collect();
+    for chunk in rows.chunks(batch.max(1)) {
+        let images: Vec<&[u8]> = chunk.iter().map(|&i| d.image(i)).collect();
+        out.extend(model.logits_for_pixels(&images)?.to_vec2::<f32>()?);
+    }
+    Ok(out)
+}
+
+fn predictions(logits: &[Vec<f32>]) -> Vec<u8> {
+    logits.iter().map(|row| argmax(row) as u8).collect()
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    let dev = device(a.cpu)?;
+    let started = Instant::now();
+    let d = load_data(&a.data, a.limit)?;
+    let data_sha =
+        data::sha256_file(&a.data).with_context(|| format!("hashing {}", a.data.display()))?;
+    let test = match &a.test {
+        Some(p) => Some(load_data(p, None)?),
+        None => None,
+    };
+    let recipe = train::Recipe {
+        model: a.model.clone(),
+        cnn: models::cnn::CnnConfig {
+            conv1: a.cnn_sizes[0],
+            conv2: a.cnn_sizes[1],
+            hidden: a.cnn_sizes[2],
+            dropout: a.dropout,
+        },
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        warmup_epochs: a.warmup_epochs,
+        augment: a.augment,
+        val_fraction: a.val_fraction,
+        seed: a.seed,
+    };
+    let run = train::TrainRun {
+        data: &d,
+        track: if a.track_test { test.as_ref() } else { None },
+        data_sha256: data_sha.clone(),
+        out: a.out.clone(),
+        resume: a.resume,
+        device: dev,
+        quiet: a.quiet,
+    };
+    let (model, history, seconds) = match train::train(&run, recipe)? {
+        train::Outcome::Stopped { checkpoint } => {
+            eprintln!(
+                "stopped; progress saved in {}. Run the same command with --resume to continue.",
+                checkpoint.display()
+            );
+            std::process::exit(130);
+        }
+        train::Outcome::Finished {
+            model,
+            history,
+            seconds,
+        } => (model, history, seconds),
+    };
+    let (ckpt_st, ckpt_js) = train::checkpoint_paths(&a.out);
+    let state: train::CheckpointState = serde_json::from_slice(&std::fs::read(&ckpt_js)?)?;
+    let summary = serde_json::json!({
+        "recipe": state.recipe,
+        "train_data_sha256": data_sha,
+        "train_images": d.len(),
+        "training_seconds": seconds,
+        "final_val_accuracy": history.last().and_then(|h| h.val_accuracy),
+    });
+    export::export(
+        model.as_ref(),
+        &a.out,
+        vec![("training".to_string(), summary.to_string())],
+    )?;
+    let test_report = match (&test, &a.test) {
+        (Some(t), Some(path)) => {
+            let onnx = OnnxModel::load(&a.out)?;
+            let preds = predictions(&onnx_logits(&onnx, t, 500)?);
+            let r = metrics::Report::new(&t.labels, &preds);
+            eprintln!(
+                "test accuracy {:.4} on {} images ({})",
+                r.accuracy,
+                t.len(),
+                path.display()
+            );
+            Some((r, data::sha256_file(path)?))
+        }
+        _ => None,
+    };
+    let model_sha = data::sha256_file(&a.out)?;
+    let info = serde_json::json!({
+        "model_file": a.out.file_name().map(|f| f.to_string_lossy().to_string()),
+        "model_sha256": model_sha,
+        "created_by": format!("fmnist-train {}", env!("CARGO_PKG_VERSION")),
+        "recipe": state.recipe,
+        "seed": state.recipe.seed,
+        "train_data": { "file": a.data, "sha256": data_sha, "images": d.len() },
+        "test_data": test_report.as_ref().map(|(_, sha)| serde_json::json!({
+            "file": a.test, "sha256": sha, "images": test.as_ref().map(|t| t.len()) })),
+        "test_metrics": test_report.as_ref().map(|(r, _)| r),
+        "training_seconds": seconds,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "epochs": history,
+    });
+    let js = a.out.with_extension("json");
+    fmnist::onnx::writer::write_atomic(&js, &serde_json::to_vec_pretty(&info)?)?;
+    // The run is complete and exported: the checkpoint has served its purpose.
+    let _ = std::fs::remove_file(&ckpt_st);
+    let _ = std::fs::remove_file(&ckpt_js);
+    eprintln!(
+        "wrote {} (+ .safetensors, .json) in {:.0}s",
+        a.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let d = load_data(&a.data, None)?;
+    let ext = a
+        .model
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase());
+    let logits: Vec<Vec<f32>> = match ext.as_deref() {
+        Some("onnx") => {
+            let m = OnnxModel::load(&a.model)?;
+            onnx_logits(&m, &d, a.batch_size)?
+        }
+        Some("safetensors") => {
+            let js = a.model.with_extension("json");
+            let info: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(&js)
+                    .with_context(|| format!("reading the recipe in {}", js.display()))?,
+            )
+            .with_context(|| format!("{} is not valid JSON", js.display()))?;
+            let recipe: train::Recipe = serde_json::from_value(info["recipe"].clone())
+                .with_context(|| format!("{} has no usable 'recipe'", js.display()))?;
+            let dev = Device::Cpu;
+            let model = train::build_model(&recipe, &dev)?;
+            let tensors = candle_core::safetensors::load(&a.model, &dev)
+                .with_context(|| format!("reading {}", a.model.display()))?;
+            models::Classifier::params(&model).assign(&tensors, &a.model)?;
+            train::predict(&model, &d, a.batch_size.max(1), &dev)?.to_vec2::<f32>()?
+        }
+        _ => bail!(
+            "{}: expected an .onnx model or a .safetensors checkpoint",
+            a.model.display()
+        ),
+    };
+    if let Some(p) = &a.logits_out {
+        let json = serde_json::to_vec(&serde_json::json!({ "logits": logits }))?;
+        fmnist::onnx::writer::write_atomic(p, &json)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    let report = metrics::Report::new(&d.labels, &predictions(&logits));
+    println!("model {}\ndata  {}\n", a.model.display(), a.data.display());
+    print!("{}", report.table());
+    if let Some(j) = &a.json {
+        fmnist::onnx::writer::write_atomic(j, &serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", j.display()))?;
+    }
+    if let Some(min) = a.min_accuracy {
+        if report.accuracy < min {
+            bail!(
+                "accuracy {:.4} is below the required {min}",
+                report.accuracy
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_convert(a: ConvertArgs) -> Result<()> {
+    let d = match &a.labels {
+        Some(l) => data::read_idx(&a.images, l)?,
+        None => data::load(&a.images)?,
+    };
+    data::write_csv(&a.out, &d)?;
+    eprintln!("wrote {} images to {}", d.len(), a.out.display());
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", fmnist::report::describe_error(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    ctrlc::set_handler(|| {
+        if train::STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // Second Ctrl-C: the user really wants out.
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: finishing the current batch and saving a checkpoint (Ctrl-C again to quit now)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    match cli.command {
+        Command::Train(a) => cmd_train(a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::Convert(a) => cmd_convert(a),
+    }
+}

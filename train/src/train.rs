@@ -1,0 +1,395 @@
+//! The training loop: epochs of shuffled mini-batches, a validation line per epoch, atomic
+//! checkpoints, exact resume, and a clean stop on Ctrl-C.
+
+use crate::data::Dataset;
+use crate::loader::{self, Augment};
+use crate::models::cnn::{Cnn, CnnConfig};
+use crate::models::Classifier;
+use crate::optim::{lr_at, AdamW, AdamWConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Set by the Ctrl-C handler; the loop checks it after every batch.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Everything that determines the trained weights (with the data).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub model: String,
+    pub cnn: CnnConfig,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: f64,
+    pub augment: Augment,
+    pub val_fraction: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochSummary {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    /// Accuracy on the test set, only when tracking was asked for (benchmarks).
+    #[serde(default)]
+    pub test_accuracy: Option<f64>,
+    pub lr_end: f64,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// What a checkpoint's JSON half records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub recipe: Recipe,
+    pub data_sha256: String,
+    /// Next epoch to run (0-based) and next batch within it.
+    pub epoch: usize,
+    pub batch: usize,
+    pub step: usize,
+    pub history: Vec<EpochSummary>,
+    pub elapsed_seconds: f64,
+}
+
+/// Paths of the checkpoint pair for an output model path.
+pub fn checkpoint_paths(out: &Path) -> (PathBuf, PathBuf) {
+    (
+        out.with_extension("ckpt.safetensors"),
+        out.with_extension("ckpt.json"),
+    )
+}
+
+/// The model a recipe describes, initialised from the recipe's seed.
+pub fn build_model(recipe: &Recipe, device: &Device) -> Result<Cnn> {
+    match recipe.model.as_str() {
+        "cnn" => Ok(Cnn::new(
+            recipe.cnn.clone(),
+            &mut loader::rng(recipe.seed, loader::streams::INIT),
+            device,
+        )?),
+        other => bail!("unknown model '{other}' (available: cnn)"),
+    }
+}
+
+/// Saves named tensors as safetensors through a temporary file and a rename.
+pub fn save_tensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    candle_core::safetensors::save(tensors, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming onto {}", path.display()))?;
+    Ok(())
+}
+
+fn save_checkpoint(
+    out: &Path,
+    model: &dyn Classifier,
+    opt: &AdamW,
+    state: &CheckpointState,
+) -> Result<()> {
+    let (st, js) = checkpoint_paths(out);
+    let mut tensors = model.params().tensors();
+    tensors.extend(opt.state(model.params()));
+    save_tensors_atomic(&st, &tensors)?;
+    let json = serde_json::to_vec_pretty(state)?;
+    fmnist::onnx::writer::write_atomic(&js, &json)
+        .with_context(|| format!("writing {}", js.display()))?;
+    Ok(())
+}
+
+/// Logits of the model for every image of `data`, in batches, without gradients.
+pub fn predict(
+    model: &dyn Classifier,
+    data: &Dataset,
+    batch: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let rows: Vec<usize> = (0..data.len()).collect();
+    let mut r = loader::rng(0, 0);
+    let mut out = Vec::new();
+    for chunk in rows.chunks(batch) {
+        let b = loader::make_batch(data, chunk, model.layout(), Augment::None, &mut r, device)?;
+        out.push(model.forward_t(&b.images, None)?.detach());
+    }
+    Ok(Tensor::cat(&out, 0)?)
+}
+
+/// Mean cross-entropy and accuracy of `model` on `data`.
+fn validate(model: &dyn Classifier, data: &Dataset, device: &Device) -> Result<(f64, f64)> {
+    let logits = predict(model, data, 1000, device)?;
+    let labels = Tensor::from_vec(
+        data.labels.iter().map(|&l| l as u32).collect(),
+        data.len(),
+        device,
+    )?;
+    let loss = candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()? as f64;
+    let correct = logits
+        .argmax(1)?
+        .eq(&labels)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64;
+    Ok((loss, correct / data.len() as f64))
+}
+
+pub struct TrainRun<'a> {
+    pub data: &'a Dataset,
+    /// A labelled set to measure after every epoch (benchmarks only).
+    pub track: Option<&'a Dataset>,
+    pub data_sha256: String,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub device: Device,
+    pub quiet: bool,
+}
+
+pub enum Outcome {
+    Finished {
+        model: Box<Cnn>,
+        history: Vec<EpochSummary>,
+        seconds: f64,
+    },
+    Stopped {
+        checkpoint: PathBuf,
+    },
+}
+
+/// Trains according to `recipe`, or continues the checkpoint beside `run.out`.
+pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
+    let (ckpt_st, ckpt_js) = checkpoint_paths(&run.out);
+    let (recipe, mut state, saved) = if run.resume {
+        let text = std::fs::read(&ckpt_js).with_context(|| {
+            format!(
+                "--resume: no checkpoint at {} (nothing to resume)",
+                ckpt_js.display()
+            )
+        })?;
+        let state: CheckpointState = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not a valid checkpoint", ckpt_js.display()))?;
+        if state.data_sha256 != run.data_sha256 {
+            bail!(
+                "--resume: checkpoint {} was made from different training data (SHA-256 {}, this file {})",
+                ckpt_js.display(),
+                state.data_sha256,
+                run.data_sha256
+            );
+        }
+        if state.recipe != recipe {
+            eprintln!(
+                "note: resuming with the checkpoint's recipe; training flags given now are ignored"
+            );
+        }
+        let tensors = candle_core::safetensors::load(&ckpt_st, &run.device)
+            .with_context(|| format!("reading {}", ckpt_st.display()))?;
+        (state.recipe.clone(), state, Some(tensors))
+    } else {
+        if ckpt_js.exists() {
+            bail!(
+                "{} holds an interrupted run; pass --resume to continue it, or delete it to start over",
+                ckpt_js.display()
+            );
+        }
+        let state = CheckpointState {
+            recipe: recipe.clone(),
+            data_sha256: run.data_sha256.clone(),
+            epoch: 0,
+            batch: 0,
+            step: 0,
+            history: Vec::new(),
+            elapsed_seconds: 0.0,
+        };
+        (recipe, state, None)
+    };
+    if recipe.batch_size == 0 || recipe.epochs == 0 {
+        bail!("--batch-size and --epochs must be at least 1");
+    }
+    if !(0.0..1.0).contains(&recipe.val_fraction) {
+        bail!(
+            "--val-fraction must be in [0, 1), got {}",
+            recipe.val_fraction
+        );
+    }
+
+    let model = build_model(&recipe, &run.device)?;
+    let mut opt = AdamW::new(
+        model.params(),
+        AdamWConfig {
+            weight_decay: recipe.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    if let Some(t) = &saved {
+        model.params().assign(t, &ckpt_st)?;
+        opt.restore(model.params(), t, state.step)?;
+    }
+
+    let (train_rows, val_rows) = loader::split(run.data, recipe.val_fraction, recipe.seed);
+    if train_rows.is_empty() {
+        bail!(
+            "no training images left after holding out --val-fraction {}",
+            recipe.val_fraction
+        );
+    }
+    let val = run.data.select(&val_rows);
+    let batches_per_epoch = train_rows.len().div_ceil(recipe.batch_size);
+    let total_steps = batches_per_epoch * recipe.epochs;
+    let warmup = ((recipe.warmup_epochs * batches_per_epoch as f64) as usize).min(total_steps / 2);
+    if !run.quiet {
+        eprintln!(
+            "training {} ({} parameters) on {} images, validating on {}; {} epochs of {} batches; device {:?}",
+            recipe.model,
+            model.params().count(),
+            train_rows.len(),
+            val_rows.len(),
+            recipe.epochs,
+            batches_per_epoch,
+            run.device
+        );
+    }
+    let plain_progress = !run.quiet && !std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let elapsed_before = state.elapsed_seconds;
+    while state.epoch < recipe.epochs {
+        let epoch = state.epoch;
+        let order = loader::epoch_order(&train_rows, recipe.seed, epoch);
+        let bar = if run.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(batches_per_epoch as u64)
+        };
+        bar.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{}/{}", epoch + 1, recipe.epochs));
+        bar.set_position(state.batch as u64);
+        let epoch_start = Instant::now();
+        let (mut loss_sum, mut seen) = (0.0f64, 0usize);
+        let mut lr = 0.0;
+        for b in state.batch..batches_per_epoch {
+            if STOP.load(Ordering::SeqCst) {
+                bar.abandon();
+                state.batch = b;
+                state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
+                save_checkpoint(&run.out, &model, &opt, &state)?;
+                return Ok(Outcome::Stopped {
+                    checkpoint: ckpt_js,
+                });
+            }
+            let rows =
+                &order[b * recipe.batch_size..((b + 1) * recipe.batch_size).min(order.len())];
+            // One random stream per batch: a run resumed mid-epoch draws exactly what an
+            // uninterrupted one would.
+            let mut r = loader::rng(
+                recipe.seed,
+                loader::streams::EPOCH_BASE + ((epoch as u64) << 32) + b as u64,
+            );
+            let batch = loader::make_batch(
+                run.data,
+                rows,
+                model.layout(),
+                recipe.augment,
+                &mut r,
+                &run.device,
+            )?;
+            let logits = model.forward_t(&batch.images, Some(&mut r))?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
+            let grads = loss.backward()?;
+            lr = lr_at(state.step, total_steps, warmup, recipe.lr);
+            opt.step(model.params(), &grads, lr)?;
+            state.step += 1;
+            let l = loss.to_scalar::<f32>()? as f64;
+            if !l.is_finite() {
+                bail!(
+                    "loss became {l} at epoch {} batch {b}; lower --lr",
+                    epoch + 1
+                );
+            }
+            loss_sum += l * batch.len as f64;
+            seen += batch.len;
+            let secs = epoch_start.elapsed().as_secs_f64().max(1e-9);
+            let msg = format!(
+                "loss {:.4} {:.0} img/s",
+                loss_sum / seen as f64,
+                seen as f64 / secs
+            );
+            // Without a terminal (CI, `make train > log`) the bar is hidden: print a plain
+            // progress line every ~10 % instead.
+            if plain_progress && (b + 1) % (batches_per_epoch / 10).max(1) == 0 {
+                let eta = secs / (b + 1 - state.batch) as f64 * (batches_per_epoch - b - 1) as f64;
+                eprintln!(
+                    "  epoch {}/{} batch {}/{batches_per_epoch}: {msg}, ETA {eta:.0}s",
+                    epoch + 1,
+                    recipe.epochs,
+                    b + 1
+                );
+            }
+            bar.set_message(msg);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let seconds = epoch_start.elapsed().as_secs_f64();
+        let (val_loss, val_accuracy) = if val.is_empty() {
+            (None, None)
+        } else {
+            let (l, a) = validate(&model, &val, &run.device)?;
+            (Some(l), Some(a))
+        };
+        let test_accuracy = match run.track {
+            Some(t) => Some(validate(&model, t, &run.device)?.1),
+            None => None,
+        };
+        let summary = EpochSummary {
+            epoch: epoch + 1,
+            train_loss: loss_sum / seen.max(1) as f64,
+            val_loss,
+            val_accuracy,
+            test_accuracy,
+            lr_end: lr,
+            seconds,
+            images_per_second: seen as f64 / seconds.max(1e-9),
+        };
+        if !run.quiet {
+            let val_text = match (val_loss, val_accuracy) {
+                (Some(l), Some(a)) => format!("val loss {l:.4} val acc {a:.4}"),
+                _ => "no validation split".to_string(),
+            };
+            let val_text = match test_accuracy {
+                Some(a) => format!("{val_text}  test acc {a:.4}"),
+                None => val_text,
+            };
+            eprintln!(
+                "epoch {}/{}: train loss {:.4}  {}  {:.1}s  {:.0} img/s",
+                epoch + 1,
+                recipe.epochs,
+                summary.train_loss,
+                val_text,
+                seconds,
+                summary.images_per_second
+            );
+        }
+        state.history.push(summary);
+        state.epoch += 1;
+        state.batch = 0;
+        state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
+        save_checkpoint(&run.out, &model, &opt, &state)?;
+    }
+    Ok(Outcome::Finished {
+        model: Box::new(model),
+        history: state.history,
+        seconds: elapsed_before + started.elapsed().as_secs_f64(),
+    })
+}
