@@ -29,8 +29,10 @@ LUA
 # The answer must be a real prediction before anything is measured.
 curl -fs -u "bench:$pass" -H 'Content-Type: application/json' -d "$body" "http://$addr/predict" | grep -q '"class"'
 
-run() { # connections duration
-  wrk -t2 -c"$1" -d"$2" --latency -s "$dir/post.lua" "http://$addr/predict"
+run() { # connections duration (wrk needs at least as many connections as threads)
+  local threads=2
+  [ "$1" -lt 2 ] && threads=1
+  wrk -t"$threads" -c"$1" -d"$2" --latency -s "$dir/post.lua" "http://$addr/predict"
 }
 summary() { # label file
   awk -v label="$1" '

@@ -38,6 +38,15 @@ impl InputLayout {
         }
     }
 
+    /// The shape with a symbolic batch dimension, e.g. `[N,1,28,28]`.
+    pub fn describe(&self) -> String {
+        let dims: Vec<String> = self.batch_shape(1)[1..]
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        format!("[N,{}]", dims.join(","))
+    }
+
     /// The tensor shape for a batch of `n` images.
     pub fn batch_shape(&self, n: usize) -> Vec<usize> {
         match self {

@@ -16,6 +16,21 @@ pub fn describe_error(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// A binary's exit: success, or `error: …` (the whole chain, once) on stderr and status 1.
+/// Plain stderr on purpose: logging may not be set up when startup fails.
+pub fn exit_code<E>(result: Result<(), E>) -> std::process::ExitCode
+where
+    E: AsRef<dyn std::error::Error + Send + Sync + 'static>,
+{
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", describe_error(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

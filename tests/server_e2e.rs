@@ -173,16 +173,7 @@ fn batching_never_changes_an_answer() {
             let addr = s.addr.clone();
             let body = json!({ "image": image_json(&images[i]) }).to_string();
             std::thread::spawn(move || {
-                let r = raw(
-                    &addr,
-                    &request(
-                        "POST",
-                        "/predict",
-                        Some(&basic(USER, PASSWORD)),
-                        Some("application/json"),
-                        &body,
-                    ),
-                );
+                let r = post_to(&addr, "/predict", &body);
                 assert_eq!(r.status, 200);
                 r.json()
             })
@@ -424,18 +415,7 @@ fn full_queue_answers_503_with_retry_after() {
         .map(|_| {
             let addr = s.addr.clone();
             let body = body.clone();
-            std::thread::spawn(move || {
-                raw(
-                    &addr,
-                    &request(
-                        "POST",
-                        "/predict",
-                        Some(&basic(USER, PASSWORD)),
-                        Some("application/json"),
-                        &body,
-                    ),
-                )
-            })
+            std::thread::spawn(move || post_to(&addr, "/predict", &body))
         })
         .collect();
     let results: Vec<Raw> = handles.into_iter().map(|h| h.join().unwrap()).collect();
@@ -525,18 +505,7 @@ fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let body = json!({ "image": image_json(&images[0]) }).to_string();
     // This request waits ~300 ms in the batcher: SIGTERM arrives while it is in flight.
     let addr = s.addr.clone();
-    let inflight = std::thread::spawn(move || {
-        raw(
-            &addr,
-            &request(
-                "POST",
-                "/predict",
-                Some(&basic(USER, PASSWORD)),
-                Some("application/json"),
-                &body,
-            ),
-        )
-    });
+    let inflight = std::thread::spawn(move || post_to(&addr, "/predict", &body));
     std::thread::sleep(Duration::from_millis(100));
     let addr = s.addr.clone();
     let status = s.terminate(Duration::from_secs(20));
@@ -655,4 +624,80 @@ fn credentials_file_made_by_hash_password_works() {
         ),
     );
     assert_eq!(r.status, 401);
+}
+
+#[test]
+fn serves_a_three_channel_model_with_server_side_resizing() {
+    use fmnist::onnx::writer::{write_model, GraphSpec, Layer};
+    let size = 40;
+    let n_in = 2 * size * size;
+    let spec = GraphSpec {
+        name: "rgb".into(),
+        input: fmnist::InputLayout::Rgb { size },
+        num_classes: 10,
+        layers: vec![
+            Layer::Conv2d {
+                weight: (0..54).map(|i| ((i % 5) as f32 - 2.0) * 0.1).collect(),
+                shape: [2, 3, 3, 3],
+                bias: vec![0.0, 0.1],
+                stride: 1,
+                padding: 1,
+            },
+            Layer::Relu,
+            Layer::Flatten,
+            Layer::Linear {
+                weight: (0..10 * n_in)
+                    .map(|i| ((i % 11) as f32 - 5.0) * 0.01)
+                    .collect(),
+                in_features: n_in,
+                out_features: 10,
+                bias: vec![0.0; 10],
+            },
+        ],
+        metadata: vec![],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rgb-model.onnx");
+    write_model(&path, &spec).unwrap();
+    let s = Server::start(&["--model", path.to_str().unwrap()]);
+    let meta = get(&s, "/v2/models/rgb-model", true).json();
+    assert_eq!(meta["inputs"][0]["shape"], json!([-1, 3, size, size]));
+    let (images, _) = fixture();
+    let r = post(&s, "/predict", &json!({ "image": image_json(&images[3]) }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The server's answer equals the library's preprocessing + model on the same image.
+    let model = fmnist::OnnxModel::load(&path).unwrap();
+    let logits = model
+        .logits_for_pixels(&[&images[3]])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let want = fmnist::onnx::model::argmax(&logits[0]);
+    assert_eq!(r.json()["label"].as_u64().unwrap() as usize, want);
+    // v2 takes gray [N,784] input for it as well.
+    let flat: Vec<f64> = images[3].iter().map(|&p| p as f64 / 255.0).collect();
+    let req = json!({ "inputs": [{ "name": "pixels", "shape": [1, 784], "datatype": "FP32", "data": flat }] });
+    assert_eq!(post(&s, "/v2/models/rgb-model/infer", &req).status, 200);
+}
+
+#[test]
+fn a_slow_client_is_cut_off_and_does_not_block_others() {
+    use std::io::{Read, Write};
+    let s = Server::start(&["--header-read-timeout-ms", "300"]);
+    let mut slow = std::net::TcpStream::connect(&s.addr).unwrap();
+    slow.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    // Others are served while the slow client dawdles.
+    assert_eq!(get(&s, "/v2/health/live", false).status, 200);
+    std::thread::sleep(Duration::from_millis(800));
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        !text.contains("200 OK"),
+        "the slow request was served: {text}"
+    );
+    // The connection is closed (EOF reached above) and the server is healthy.
+    assert_eq!(get(&s, "/v2/health/live", false).status, 200);
 }

@@ -72,14 +72,7 @@ fn hash_command(user: &str) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            // Logging may not be set up yet (bad flags, missing credentials): plain stderr.
-            eprintln!("error: {}", fmnist::report::describe_error(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    fmnist::report::exit_code(run())
 }
 
 fn run() -> Result<()> {

@@ -344,8 +344,7 @@ impl OnnxModel {
         if input.dims() != expected.as_slice() || input.dims()[0] == 0 {
             return Err(ModelError::BadInput {
                 found: input.dims().to_vec(),
-                expected: format!("{:?} with N >= 1", self.layout.batch_shape(0))
-                    .replace("[0", "[N"),
+                expected: format!("{} with N >= 1", self.layout.describe()),
             });
         }
         let mut values: HashMap<String, Tensor> = self
@@ -407,4 +406,99 @@ pub fn argmax(row: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::writer::{build_model, GraphSpec, Layer};
+
+    /// A tiny 3-channel model: conv 3→2 (3×3, pad 1) → ReLU → flatten → linear → 10.
+    pub(crate) fn rgb_spec(size: usize) -> GraphSpec {
+        let conv_w: Vec<f32> = (0..2 * 3 * 9)
+            .map(|i| ((i % 7) as f32 - 3.0) * 0.05)
+            .collect();
+        let n_in = 2 * size * size;
+        let lin_w: Vec<f32> = (0..10 * n_in)
+            .map(|i| ((i % 13) as f32 - 6.0) * 0.01)
+            .collect();
+        GraphSpec {
+            name: "rgb".into(),
+            input: InputLayout::Rgb { size },
+            num_classes: 10,
+            layers: vec![
+                Layer::Normalize {
+                    mean: crate::preprocess::IMAGENET_MEAN.to_vec(),
+                    std: crate::preprocess::IMAGENET_STD.to_vec(),
+                },
+                Layer::Conv2d {
+                    weight: conv_w,
+                    shape: [2, 3, 3, 3],
+                    bias: vec![0.1, -0.1],
+                    stride: 1,
+                    padding: 1,
+                },
+                Layer::Relu,
+                Layer::Flatten,
+                Layer::Linear {
+                    weight: lin_w,
+                    in_features: n_in,
+                    out_features: 10,
+                    bias: vec![0.0; 10],
+                },
+            ],
+            metadata: vec![],
+        }
+    }
+
+    #[test]
+    fn three_channel_models_get_resized_replicated_input() {
+        let proto = build_model(&rgb_spec(32)).unwrap();
+        let model = OnnxModel::from_proto("rgb.onnx".into(), proto, 0).unwrap();
+        assert_eq!(model.layout(), InputLayout::Rgb { size: 32 });
+        let pixels: Vec<u8> = (0..784).map(|i| (i * 7 % 256) as u8).collect();
+        let got = model.logits_for_pixels(&[&pixels]).unwrap();
+        // The same input built by hand: /255, bilinear resize to 32, three equal channels.
+        let unit: Vec<f32> = pixels.iter().map(|&p| p as f32 / 255.0).collect();
+        let plane = crate::preprocess::resize_bilinear(&unit, 28, 28, 32, 32);
+        let rgb: Vec<f32> = plane.iter().chain(&plane).chain(&plane).copied().collect();
+        let want = model
+            .run(&Tensor::from_vec(rgb, (1, 3, 32, 32), &Device::Cpu).unwrap())
+            .unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+        // Wrong shapes are refused with the expected layout named.
+        let bad = Tensor::zeros((1, 1, 28, 28), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let err = model.run(&bad).unwrap_err().to_string();
+        assert!(err.contains("[N,3,32,32]"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_ops_and_input_shapes_are_named() {
+        let mut proto = build_model(&rgb_spec(32)).unwrap();
+        proto.graph.as_mut().unwrap().node[2].op_type = "FancyConv".into();
+        let err = OnnxModel::from_proto("m.onnx".into(), proto, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("FancyConv") && err.contains("m.onnx"), "{err}");
+
+        let mut proto = build_model(&rgb_spec(32)).unwrap();
+        let input = &mut proto.graph.as_mut().unwrap().input[0];
+        if let Some(type_proto::Value::TensorType(t)) =
+            input.r#type.as_mut().unwrap().value.as_mut()
+        {
+            t.shape.as_mut().unwrap().dim[1].value = Some(Dim::DimValue(5));
+        }
+        let err = OnnxModel::from_proto("m.onnx".into(), proto, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[?,5,32,32]"), "{err}");
+    }
 }

@@ -50,9 +50,11 @@ impl Server {
 
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fmnist-serve"));
-        cmd.args(["--listen", "127.0.0.1:0", "--model"])
-            .arg(shipped_model())
-            .args(args)
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        if !args.contains(&"--model") {
+            cmd.arg("--model").arg(shipped_model());
+        }
+        cmd.args(args)
             .env_remove("FMNIST_BASIC_AUTH")
             .env_remove("FMNIST_CREDENTIALS_FILE")
             .stdout(Stdio::piped())
@@ -216,18 +218,18 @@ pub fn request(
     r.into_bytes()
 }
 
+/// POSTs a JSON text to `addr` with the test credentials (usable from other threads).
+pub fn post_to(addr: &str, path: &str, body: &str) -> Raw {
+    let auth = basic(USER, PASSWORD);
+    raw(
+        addr,
+        &request("POST", path, Some(&auth), Some("application/json"), body),
+    )
+}
+
 /// POSTs JSON with the test credentials.
 pub fn post(server: &Server, path: &str, body: &serde_json::Value) -> Raw {
-    raw(
-        &server.addr,
-        &request(
-            "POST",
-            path,
-            Some(&basic(USER, PASSWORD)),
-            Some("application/json"),
-            &body.to_string(),
-        ),
-    )
+    post_to(&server.addr, path, &body.to_string())
 }
 
 pub fn get(server: &Server, path: &str, auth: bool) -> Raw {

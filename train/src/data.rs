@@ -86,6 +86,7 @@ impl Dataset {
     }
 
     /// Number of images of each class.
+    #[cfg(test)]
     pub fn class_counts(&self) -> [usize; NUM_CLASSES] {
         let mut counts = [0; NUM_CLASSES];
         for &l in &self.labels {

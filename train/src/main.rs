@@ -66,7 +66,7 @@ struct TrainArgs {
     #[arg(long, default_value = "cnn", value_parser = ["cnn"])]
     model: String,
     /// Passes over the training data.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 18)]
     epochs: usize,
     /// Images per optimisation step.
     #[arg(long, default_value_t = 128)]
@@ -83,6 +83,9 @@ struct TrainArgs {
     /// Training-time augmentation.
     #[arg(long, value_enum, default_value_t = loader::Augment::Flip)]
     augment: loader::Augment,
+    /// Label smoothing: share of each target spread evenly over the ten classes.
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
     /// Share of the training file held out (stratified) for the per-epoch validation line.
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
@@ -204,6 +207,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         weight_decay: a.weight_decay,
         warmup_epochs: a.warmup_epochs,
         augment: a.augment,
+        label_smoothing: a.label_smoothing,
         val_fraction: a.val_fraction,
         seed: a.seed,
     };
@@ -353,13 +357,7 @@ fn cmd_convert(a: ConvertArgs) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", fmnist::report::describe_error(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    fmnist::report::exit_code(run())
 }
 
 fn run() -> Result<()> {

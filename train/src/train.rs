@@ -30,8 +30,22 @@ pub struct Recipe {
     pub weight_decay: f64,
     pub warmup_epochs: f64,
     pub augment: Augment,
+    /// Share of the target mass spread evenly over all classes (0: plain cross-entropy).
+    #[serde(default)]
+    pub label_smoothing: f64,
     pub val_fraction: f64,
     pub seed: u64,
+}
+
+/// Cross-entropy with optional label smoothing: `(1-ε)·NLL + ε·mean over classes of -log p`.
+fn training_loss(logits: &Tensor, labels: &Tensor, smoothing: f64) -> candle_core::Result<Tensor> {
+    if smoothing <= 0.0 {
+        return candle_nn::loss::cross_entropy(logits, labels);
+    }
+    let logp = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+    let nll = candle_nn::loss::nll(&logp, labels)?;
+    let uniform = logp.mean(candle_core::D::Minus1)?.mean_all()?.neg()?;
+    (nll * (1.0 - smoothing))? + (uniform * smoothing)?
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -215,6 +229,12 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
     if recipe.batch_size == 0 || recipe.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
+    if !(0.0..1.0).contains(&recipe.label_smoothing) {
+        bail!(
+            "--label-smoothing must be in [0, 1), got {}",
+            recipe.label_smoothing
+        );
+    }
     if !(0.0..1.0).contains(&recipe.val_fraction) {
         bail!(
             "--val-fraction must be in [0, 1), got {}",
@@ -306,7 +326,7 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
                 &run.device,
             )?;
             let logits = model.forward_t(&batch.images, Some(&mut r))?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
+            let loss = training_loss(&logits, &batch.labels, recipe.label_smoothing)?;
             let grads = loss.backward()?;
             lr = lr_at(state.step, total_steps, warmup, recipe.lr);
             opt.step(model.params(), &grads, lr)?;

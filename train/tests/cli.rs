@@ -18,6 +18,19 @@ fn run(args: &[&str]) -> Output {
     bin().args(args).output().unwrap()
 }
 
+/// `fmnist-train eval --model M --data D` plus `extra` flags.
+fn eval(model: &Path, data: &Path, extra: &[&str]) -> Output {
+    bin()
+        .arg("eval")
+        .arg("--model")
+        .arg(model)
+        .arg("--data")
+        .arg(data)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
@@ -71,13 +84,7 @@ fn bad_csv_rows_are_reported_with_file_line_and_column() {
         "no model may be written from bad data"
     );
 
-    let o = run(&[
-        "eval",
-        "--model",
-        "x.onnx",
-        "--data",
-        dir.path().join("missing.csv").to_str().unwrap(),
-    ]);
+    let o = eval(Path::new("x.onnx"), &dir.path().join("missing.csv"), &[]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("missing.csv"), "{}", stderr(&o));
 }
@@ -115,15 +122,7 @@ fn trains_on_the_fixture_and_evaluates_the_exported_model() {
 
     // eval agrees for the ONNX file and the safetensors checkpoint, and writes JSON.
     let json_path = dir.path().join("eval.json");
-    let o = run(&[
-        "eval",
-        "--model",
-        out_s,
-        "--data",
-        fx.to_str().unwrap(),
-        "--json",
-        json_path.to_str().unwrap(),
-    ]);
+    let o = eval(&out, &fx, &["--json", json_path.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(
@@ -144,28 +143,12 @@ fn trains_on_the_fixture_and_evaluates_the_exported_model() {
     }
     assert_eq!(report["accuracy"], info["test_metrics"]["accuracy"]);
     let st = out.with_extension("safetensors");
-    let o = run(&[
-        "eval",
-        "--model",
-        st.to_str().unwrap(),
-        "--data",
-        fx.to_str().unwrap(),
-        "--json",
-        json_path.to_str().unwrap(),
-    ]);
+    let o = eval(&st, &fx, &["--json", json_path.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let report2: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
     assert_eq!(report2["confusion_matrix"], report["confusion_matrix"]);
 
-    let o = run(&[
-        "eval",
-        "--model",
-        out_s,
-        "--data",
-        fx.to_str().unwrap(),
-        "--min-accuracy",
-        "0.999",
-    ]);
+    let o = eval(&out, &fx, &["--min-accuracy", "0.999"]);
     assert!(
         !o.status.success(),
         "--min-accuracy must fail a model below it"

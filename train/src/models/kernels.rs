@@ -9,8 +9,11 @@
 //! exactly as the stock op's forward picks it. Other devices keep candle's own ops (see
 //! `cnn.rs`), and tests check these kernels against them.
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else {
@@ -203,6 +206,206 @@ impl CustomOp2 for BiasRelu {
     }
 }
 
+/// Batch statistics of one [`BatchNormRelu`] forward pass: per-channel mean and biased
+/// variance over the rows.
+#[derive(Debug, Clone, Default)]
+pub struct BatchStats {
+    pub mean: Vec<f32>,
+    pub var: Vec<f32>,
+}
+
+/// Training-mode batch normalisation followed by ReLU on `x: [M, C]` (NHWC rows), with
+/// `gamma, beta: [C]`: `max(0, γ·(x − μ)/√(σ² + ε) + β)` with μ, σ² over the M rows. The batch
+/// statistics are left in `stats` for the running averages. Per-chunk sums are combined in
+/// order, so results are bit-for-bit reproducible.
+pub struct BatchNormRelu {
+    pub eps: f32,
+    pub stats: Arc<Mutex<BatchStats>>,
+}
+
+/// Two ordered column sums (f64, `[2·C]`) over rows of width `c`: `f` adds one chunk of
+/// rows into the accumulator; chunks are combined in order.
+fn column_sums(rows: &[f32], c: usize, f: impl Fn(&[f32], &mut [f64]) + Sync) -> Vec<f64> {
+    let partial: Vec<Vec<f64>> = rows
+        .par_chunks(ROWS_PER_TASK * c)
+        .map(|chunk| {
+            let mut acc = vec![0f64; 2 * c];
+            f(chunk, &mut acc);
+            acc
+        })
+        .collect();
+    let mut total = vec![0f64; 2 * c];
+    for p in &partial {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
+impl CustomOp3 for BatchNormRelu {
+    fn name(&self) -> &'static str {
+        "fmnist-batchnorm-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, c) = l1.shape().dims2()?;
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let gamma = contiguous_f32(s2, l2, self.name())?;
+        let beta = contiguous_f32(s3, l3, self.name())?;
+        if gamma.len() != c || beta.len() != c || m == 0 {
+            bail!(
+                "{}: expected [M>0, C] input with [C] scale and shift",
+                self.name()
+            );
+        }
+        // Per-chunk f32 sums (vectorised), combined across chunks in f64 and in order.
+        let sums = column_sums(x, c, |chunk, acc| {
+            let (mut s1, mut s2) = (vec![0f32; c], vec![0f32; c]);
+            for row in chunk.chunks_exact(c) {
+                for ((a, b), v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
+                    *a += v;
+                    *b += v * v;
+                }
+            }
+            for i in 0..c {
+                acc[i] += s1[i] as f64;
+                acc[c + i] += s2[i] as f64;
+            }
+        });
+        let mean: Vec<f32> = (0..c).map(|i| (sums[i] / m as f64) as f32).collect();
+        let var: Vec<f32> = (0..c)
+            .map(|i| (sums[c + i] / m as f64 - (sums[i] / m as f64).powi(2)).max(0.0) as f32)
+            .collect();
+        let scale: Vec<f32> = (0..c)
+            .map(|i| gamma[i] / (var[i] + self.eps).sqrt())
+            .collect();
+        let shift: Vec<f32> = (0..c).map(|i| beta[i] - mean[i] * scale[i]).collect();
+        let mut out = vec![0f32; m * c];
+        out.par_chunks_mut(ROWS_PER_TASK * c)
+            .zip(x.par_chunks(ROWS_PER_TASK * c))
+            .for_each(|(o, x)| {
+                for (orow, xrow) in o.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    for (((o, x), sc), sh) in orow.iter_mut().zip(xrow).zip(&scale).zip(&shift) {
+                        *o = (x * sc + sh).max(0.0);
+                    }
+                }
+            });
+        *self.stats.lock().expect("batch stats lock") = BatchStats { mean, var };
+        Ok((CpuStorage::F32(out), Shape::from((m, c))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, c) = x.dims2()?;
+        let stats = self.stats.lock().expect("batch stats lock").clone();
+        let gam = gamma.to_vec1::<f32>()?;
+        let inv: Vec<f32> = stats
+            .var
+            .iter()
+            .map(|v| 1.0 / (v + self.eps).sqrt())
+            .collect();
+        let mean = &stats.mean;
+        let mut dx = vec![0f32; m * c];
+        let (dbeta, dgamma) = with_f32(x, |x| {
+            with_f32(res, |y| {
+                with_f32(grad, |g| {
+                    // Pass 1: Σg' and Σg'·x̂ per channel, g' being the gradient through ReLU.
+                    let chunk = ROWS_PER_TASK * c;
+                    let partial: Vec<(Vec<f32>, Vec<f32>)> = x
+                        .par_chunks(chunk)
+                        .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk)))
+                        .map(|(x, (y, g))| {
+                            let (mut sg, mut sgx) = (vec![0f32; c], vec![0f32; c]);
+                            for ((xr, yr), gr) in x
+                                .chunks_exact(c)
+                                .zip(y.chunks_exact(c))
+                                .zip(g.chunks_exact(c))
+                            {
+                                for i in 0..c {
+                                    let gp = if yr[i] > 0.0 { gr[i] } else { 0.0 };
+                                    sg[i] += gp;
+                                    sgx[i] += gp * (xr[i] - mean[i]) * inv[i];
+                                }
+                            }
+                            (sg, sgx)
+                        })
+                        .collect();
+                    let (mut db, mut dg) = (vec![0f64; c], vec![0f64; c]);
+                    for (sg, sgx) in &partial {
+                        for i in 0..c {
+                            db[i] += sg[i] as f64;
+                            dg[i] += sgx[i] as f64;
+                        }
+                    }
+                    let dbeta: Vec<f32> = db.iter().map(|v| *v as f32).collect();
+                    let dgamma: Vec<f32> = dg.iter().map(|v| *v as f32).collect();
+                    // Pass 2: dx = γ·inv/M · (M·g' − Σg' − x̂·Σg'x̂).
+                    let mf = m as f32;
+                    let k: Vec<f32> = (0..c).map(|i| gam[i] * inv[i] / mf).collect();
+                    dx.par_chunks_mut(chunk)
+                        .zip(
+                            x.par_chunks(chunk)
+                                .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk))),
+                        )
+                        .for_each(|(d, (x, (y, g)))| {
+                            for (((dr, xr), yr), gr) in d
+                                .chunks_exact_mut(c)
+                                .zip(x.chunks_exact(c))
+                                .zip(y.chunks_exact(c))
+                                .zip(g.chunks_exact(c))
+                            {
+                                for i in 0..c {
+                                    let gp = if yr[i] > 0.0 { gr[i] } else { 0.0 };
+                                    let xhat = (xr[i] - mean[i]) * inv[i];
+                                    dr[i] = k[i] * (mf * gp - dbeta[i] - xhat * dgamma[i]);
+                                }
+                            }
+                        });
+                    (dbeta, dgamma)
+                })
+            })
+        })???;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, c), dev)?),
+            Some(Tensor::from_vec(dgamma, c, dev)?),
+            Some(Tensor::from_vec(dbeta, c, dev)?),
+        ))
+    }
+}
+
+/// The same computation with candle's stock ops (any device; the tests' reference).
+/// Returns the output and the batch mean and biased variance.
+pub fn batch_norm_relu_stock(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let mean = x.mean_keepdim(0)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(0)?;
+    let y = centered
+        .broadcast_div(&(&var + eps)?.sqrt()?)?
+        .broadcast_mul(gamma)?
+        .broadcast_add(beta)?
+        .relu()?;
+    Ok((y, mean.squeeze(0)?, var.squeeze(0)?))
+}
+
 /// 2×2 max-pooling with stride 2 on `[B, H, W, C]` (H and W even).
 pub struct MaxPool2x2;
 
@@ -293,6 +496,11 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    /// Gradients of `Σ t·probe`: probing with random weights compares whole Jacobians.
+    fn probed(t: Tensor, probe: &Tensor) -> candle_core::backprop::GradStore {
+        (t * probe).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -335,18 +543,8 @@ mod tests {
             );
             // Same scalar loss, compare the gradients of input and weight.
             let probe = random(&[b, h, w, o], 3);
-            let g1 = (ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (stock * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g1 = probed(ours, &probe);
+            let g2 = probed(stock, &probe);
             assert!(
                 max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-4,
                 "dx {b}x{h}x{w}x{c}"
@@ -406,6 +604,46 @@ mod tests {
     }
 
     #[test]
+    fn batch_norm_relu_matches_stock_ops() {
+        for (m, c) in [(2, 1), (37, 3), (6272, 32), (300, 64)] {
+            let x = Var::from_tensor(&(random(&[m, c], 11) * 3.0).unwrap()).unwrap();
+            let gamma = Var::from_tensor(&(random(&[c], 12) + 1.5).unwrap()).unwrap();
+            let beta = Var::from_tensor(&random(&[c], 13)).unwrap();
+            let op = BatchNormRelu {
+                eps: 1e-5,
+                stats: Default::default(),
+            };
+            let stats = Arc::clone(&op.stats);
+            let ours = x.apply_op3(&gamma, &beta, op).unwrap();
+            let (stock, mean, var) = batch_norm_relu_stock(&x, &gamma, &beta, 1e-5).unwrap();
+            assert!(max_diff(&ours, &stock) < 1e-4, "forward {m}x{c}");
+            let s = stats.lock().unwrap().clone();
+            let t = |v: Vec<f32>| Tensor::from_vec(v, c, &Device::Cpu).unwrap();
+            assert!(max_diff(&t(s.mean), &mean) < 1e-5);
+            assert!(max_diff(&t(s.var), &var) < 1e-4);
+            let probe = random(&[m, c], 14);
+            let g1 = probed(ours, &probe);
+            let g2 = probed(stock, &probe);
+            for (name, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
+                let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .max(1e-3);
+                assert!(
+                    max_diff(a, b) < 1e-3 * scale + 1e-5,
+                    "d{name} {m}x{c}: {}",
+                    max_diff(a, b)
+                );
+            }
+        }
+    }
+
+    #[test]
     fn bias_relu_matches_stock_ops() {
         for (n, c) in [(1, 1), (7, 3), (1000, 32), (300, 128)] {
             let x = Var::from_tensor(&random(&[n, c], 6)).unwrap();
@@ -414,18 +652,8 @@ mod tests {
             let stock = x.broadcast_add(&b).unwrap().relu().unwrap();
             assert_eq!(max_diff(&ours, &stock), 0.0);
             let probe = random(&[n, c], 8);
-            let g1 = (ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (stock * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g1 = probed(ours, &probe);
+            let g2 = probed(stock, &probe);
             assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-6);
             assert!(max_diff(g1.get(&b).unwrap(), g2.get(&b).unwrap()) < 1e-3);
         }
@@ -448,12 +676,7 @@ mod tests {
                 .unwrap();
             assert_eq!(max_diff(&ours, &stock), 0.0);
             let probe = random(&[b, h / 2, w / 2, c], 5);
-            let g1 = (ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g1 = probed(ours, &probe);
             let got = g1
                 .get(&x)
                 .unwrap()
@@ -489,12 +712,7 @@ mod tests {
                 }
             }
             assert_eq!(got, want);
-            let g2 = (stock * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g2 = probed(stock, &probe);
             let stock_x4 = (g2.get(&x).unwrap() * 4.0).unwrap();
             assert!(max_diff(g1.get(&x).unwrap(), &stock_x4) < 1e-5);
         }

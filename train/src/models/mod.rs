@@ -26,9 +26,12 @@ pub trait Classifier {
 
 /// Named parameters in creation order. Initialised from a seeded stream (candle's own CPU
 /// random generator cannot be seeded), so the same seed gives the same starting weights.
+/// Buffers (batch-norm running statistics) are saved and loaded with the parameters but are
+/// not trained.
 #[derive(Debug, Default)]
 pub struct Params {
     vars: Vec<(String, Var)>,
+    buffers: Vec<(String, Var)>,
 }
 
 impl Params {
@@ -48,6 +51,11 @@ impl Params {
         Ok(var)
     }
 
+    /// Adds an existing variable as a trainable parameter.
+    pub fn push(&mut self, name: &str, var: Var) {
+        self.vars.push((name.to_string(), var));
+    }
+
     /// Adds a zero-initialised parameter.
     pub fn zeros(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<Var> {
         let var = Var::zeros(shape, DType::F32, device)?;
@@ -55,8 +63,26 @@ impl Params {
         Ok(var)
     }
 
+    /// Adds a buffer filled with `value`.
+    pub fn buffer(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        value: f32,
+        device: &Device,
+    ) -> Result<Var> {
+        let var = Var::from_tensor(&Tensor::full(value, shape, device)?)?;
+        self.buffers.push((name.to_string(), var.clone()));
+        Ok(var)
+    }
+
+    /// The trainable parameters.
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
+    }
+
+    fn all(&self) -> impl Iterator<Item = &(String, Var)> {
+        self.vars.iter().chain(&self.buffers)
     }
 
     /// Total number of scalar parameters.
@@ -64,17 +90,16 @@ impl Params {
         self.vars.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// The parameters as a name → tensor map (for safetensors).
+    /// Parameters and buffers as a name → tensor map (for safetensors).
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.vars
-            .iter()
+        self.all()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect()
     }
 
-    /// Overwrites every parameter from a map, checking that names and shapes match.
+    /// Overwrites every parameter and buffer from a map, checking that names and shapes match.
     pub fn assign(&self, from: &HashMap<String, Tensor>, source: &Path) -> anyhow::Result<()> {
-        for (name, var) in &self.vars {
+        for (name, var) in self.all() {
             let t = from.get(name).ok_or_else(|| {
                 anyhow::anyhow!("{}: tensor '{name}' is missing", source.display())
             })?;
