@@ -435,13 +435,7 @@ fn metrics_request_ids_and_openapi() {
     let s = Server::start(&[]);
     let (images, _) = fixture();
     post(&s, "/predict", &json!({ "image": image_json(&images[0]) }));
-    let r = raw(
-        &s.addr,
-        &request("GET", "/v2/health/live", None, None, "")
-            .iter()
-            .copied()
-            .collect::<Vec<u8>>(),
-    );
+    let r = raw(&s.addr, &request("GET", "/v2/health/live", None, None, ""));
     assert!(r.header("x-request-id").is_some_and(|v| !v.is_empty()));
     let with_id = b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\nx-request-id: my-id-42\r\n\r\n";
     assert_eq!(

@@ -133,12 +133,19 @@ pub enum ModelError {
     Initializer {
         path: PathBuf,
         name: String,
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     #[error("input tensor has shape {found:?}; this model wants {expected}")]
     BadInput { found: Vec<usize>, expected: String },
+    // Boxed: candle's error type is large, and this enum travels through every `?`.
     #[error("model evaluation failed: {0}")]
-    Eval(#[from] candle_core::Error),
+    Eval(Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Eval(Box::new(e))
+    }
 }
 
 /// A loaded classifier: weights converted once, ready to run many times.
@@ -274,7 +281,7 @@ impl OnnxModel {
                 ModelError::Initializer {
                     path: path.clone(),
                     name: t.name.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
             weights.push((t.name, tensor));
@@ -362,7 +369,7 @@ impl OnnxModel {
             })?;
         let n = input.dims()[0];
         if logits.dims() != [n, NUM_CLASSES] {
-            return Err(ModelError::Eval(candle_core::Error::Msg(format!(
+            return Err(ModelError::from(candle_core::Error::Msg(format!(
                 "model produced shape {:?}, expected [{n},{NUM_CLASSES}]",
                 logits.dims()
             ))));
