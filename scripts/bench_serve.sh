@@ -4,18 +4,11 @@
 # usage: bench_serve.sh SERVE_BINARY MODEL ADDR
 set -euo pipefail
 bin=$1 model=$2 addr=$3
+source "$(dirname "$0")/server.sh"
 dir=$(mktemp -d)
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-
-# Bench-only credentials, generated per run.
-pass="bench-$RANDOM-$RANDOM"
-FMNIST_BASIC_AUTH="bench:$pass" FMNIST_LOG=warn "$bin" --model "$model" --listen "$addr" >"$dir/out" 2>"$dir/err" &
-pid=$!
-for _ in $(seq 1 300); do
-  curl -fs "http://$addr/v2/health/ready" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-curl -fs "http://$addr/v2/health/ready" >/dev/null || { cat "$dir/err"; exit 1; }
+trap 'stop_server; rm -rf "$dir"' EXIT
+start_server "$bin" "$model" "$addr" bench "$dir"
+pass=$server_pass
 
 # The request body: the first fixture image.
 body=$(sed -n 2p fixtures/sample.csv | cut -d, -f2- | sed 's/^/{"image":[/; s/$/]}/')

@@ -9,16 +9,12 @@ if [ ! -x "$newman" ]; then
   echo "installing newman (npm)"
   npm install --prefix target/newman --no-save --no-audit --no-fund newman@6 >/dev/null
 fi
+source "$(dirname "$0")/server.sh"
 dir=$(mktemp -d)
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-# Per-run credentials: nothing fixed is baked into scripts.
-user=postman pass="pm-$RANDOM-$RANDOM-$RANDOM"
-FMNIST_BASIC_AUTH="$user:$pass" FMNIST_LOG=warn "$bin" --model "$model" --listen "$addr" >"$dir/out" 2>"$dir/err" &
-pid=$!
-for _ in $(seq 1 300); do
-  curl -fs "http://$addr/v2/health/ready" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+trap 'stop_server; rm -rf "$dir"' EXIT
+user=postman
+start_server "$bin" "$model" "$addr" "$user" "$dir"
+pass=$server_pass
 mkdir -p target
 status=0
 "$newman" run fixtures/fmnist.postman_collection.json \

@@ -1,0 +1,29 @@
+# Sourced by the scripts that drive a live fmnist-serve (bench_serve.sh, postman.sh).
+#
+# start_server BIN MODEL ADDR USER DIR: starts fmnist-serve in the background with per-run
+# credentials (USER and a random password, left in $server_pass), logs in DIR, pid in
+# $server_pid, and waits until /v2/health/ready answers. Nothing fixed is baked into scripts.
+server_pid=""
+server_pass=""
+
+start_server() {
+  local bin=$1 model=$2 addr=$3 user=$4 dir=$5
+  server_pass="run-$RANDOM-$RANDOM-$RANDOM"
+  FMNIST_BASIC_AUTH="$user:$server_pass" FMNIST_LOG=warn "$bin" --model "$model" --listen "$addr" \
+    >"$dir/server.out" 2>"$dir/server.err" &
+  server_pid=$!
+  for _ in $(seq 1 300); do
+    curl -fs "http://$addr/v2/health/ready" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "fmnist-serve did not become ready on $addr:" >&2
+  cat "$dir/server.err" >&2
+  return 1
+}
+
+# stop_server: SIGTERM, then wait for the exit.
+stop_server() {
+  [ -n "$server_pid" ] || return 0
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+}
