@@ -326,6 +326,7 @@ impl Classifier for Cnn {
 mod tests {
     use super::*;
     use crate::loader::rng;
+    use crate::models::kernels::tests::{max_abs, max_diff};
 
     fn input(n: usize) -> Tensor {
         let v: Vec<f32> = (0..n * 784)
@@ -352,14 +353,7 @@ mod tests {
             let b = b_model
                 .forward_with(&xs, train.then_some(&mut r2), true)
                 .unwrap();
-            let diff = (&a - &b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&a, &b);
             assert!(diff < 1e-3, "train={train}: logits differ by {diff}");
             if !train {
                 continue;
@@ -377,22 +371,8 @@ mod tests {
                     ga.get(va).unwrap(),
                     &(gb.get(vb).unwrap() * stock_scale).unwrap(),
                 );
-                let scale = y
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .max(1e-3);
-                let d = (x - y)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let scale = max_abs(y).max(1e-3);
+                let d = max_diff(x, y);
                 assert!(
                     d / scale < 2e-3,
                     "{name}: gradient differs by {d} (scale {scale})"
@@ -428,14 +408,7 @@ mod tests {
         assert!(bias.iter().any(|b| *b != 0.0));
         let ours = model.forward_with(&input(3), None, false).unwrap();
         let stock = model.forward_with(&input(3), None, true).unwrap();
-        let diff = (&ours - &stock)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&ours, &stock);
         assert!(diff < 1e-4, "{diff}");
     }
 }

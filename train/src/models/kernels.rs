@@ -484,7 +484,7 @@ impl CustomOp1 for MaxPool2x2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
@@ -501,7 +501,18 @@ mod tests {
         (t * probe).unwrap().sum_all().unwrap().backward().unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// Largest absolute value.
+    pub(crate) fn max_abs(a: &Tensor) -> f32 {
+        a.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Largest absolute elementwise difference.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -626,14 +637,7 @@ mod tests {
             let g2 = probed(stock, &probe);
             for (name, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
                 let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
-                let scale = b
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .max(1e-3);
+                let scale = max_abs(b).max(1e-3);
                 assert!(
                     max_diff(a, b) < 1e-3 * scale + 1e-5,
                     "d{name} {m}x{c}: {}",
