@@ -14,7 +14,7 @@ MODEL ?= weights/fmnist-cnn.onnx
 VENV ?= .venv
 
 .PHONY: help deps deps-data build data train eval serve test test-rust test-onnxruntime check-shipped \
-        bench bench-train bench-serve postman fmt lint clean
+        bench bench-train bench-serve postman image image-run image-test k8s-validate fmt lint clean
 
 help:
 	@echo "make serve        serve $(MODEL) on http://127.0.0.1:8080 (dev credentials admin/password123)"
@@ -23,6 +23,10 @@ help:
 	@echo "make test         the whole test suite (what CI runs)"
 	@echo "make data         data/fashion-mnist_{train,test}.csv from the official files"
 	@echo "make postman      run the Postman collection with newman against a fresh server"
+	@echo "make image        static fmnist-serve (musl) in a FROM scratch image $(IMAGE)"
+	@echo "make image-run    run the image on port 8080 (dev credentials admin/password123)"
+	@echo "make image-test   check the image end to end (what CI runs)"
+	@echo "make k8s-validate validate deploy/k8s/ against the Kubernetes schemas"
 	@echo "make bench        all benchmarks (bench-train, bench-serve)"
 	@echo "make bench-train  training throughput and time-to-accuracy on the full data"
 	@echo "make bench-serve  HTTP load test of POST /predict with wrk"
@@ -119,6 +123,40 @@ bench-train: build data
 	$(TRAIN) train --data data/fashion-mnist_train.csv --test data/fashion-mnist_test.csv \
 	  --out target/bench/fmnist-cnn.onnx --track-test
 	@python3 scripts/bench_train_summary.py target/bench/fmnist-cnn.json
+
+# ---- container and Kubernetes -------------------------------------------------------------
+# The image needs no base image and no network at build time: the static binary is built
+# here, then the Containerfile only copies it and the model into a scratch image.
+# CONTAINER is the engine command (podman, else docker) with any global flags; CI sets
+# CONTAINER and CONTAINER_RUN_FLAGS for its sandbox (.ci/run).
+MUSL := x86_64-unknown-linux-musl
+IMAGE ?= fmnist-serve:0.1.0
+CONTAINER ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+CONTAINER_RUN_FLAGS ?=
+# HEALTHCHECK is part of the Docker image format; podman's default (OCI) would drop it.
+BUILD_FORMAT = $(if $(findstring podman,$(CONTAINER)),--format docker,)
+
+image: deps
+	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL)
+	$(CARGO) build --release --target $(MUSL) -p fmnist --bin fmnist-serve
+	@mkdir -p target/image
+	strip -o target/image/fmnist-serve target/$(MUSL)/release/fmnist-serve
+	$(CONTAINER) build $(BUILD_FORMAT) -f Containerfile -t $(IMAGE) .
+
+image-run: image
+	@echo "fmnist-serve (container): development credentials admin / password123; do not use them in production"
+	$(CONTAINER) run --rm $(CONTAINER_RUN_FLAGS) -p 8080:8080 -e FMNIST_BASIC_AUTH=admin:password123 $(IMAGE)
+
+IMAGE_TEST_ADDR ?= 127.0.0.1:18082
+image-test: image
+	@CONTAINER="$(CONTAINER)" CONTAINER_RUN_FLAGS="$(CONTAINER_RUN_FLAGS)" \
+	  bash scripts/image_test.sh $(IMAGE) $(IMAGE_TEST_ADDR)
+
+# Schema validation of the manifests (kubernetes-validate from PyPI bundles the schemas:
+# no cluster and no network needed once installed).
+k8s-validate: $(VENV)/.ok
+	$(VENV)/bin/kubernetes-validate --strict deploy/k8s/deployment.yaml deploy/k8s/service.yaml \
+	  deploy/k8s/secret.yaml deploy/k8s/hpa.yaml deploy/k8s/pdb.yaml
 
 # ---- housekeeping ------------------------------------------------------------------------
 fmt:

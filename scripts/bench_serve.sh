@@ -35,6 +35,9 @@ summary() { # label file
     /Socket errors/ {sock=$0}
     END {printf "%-16s %10.0f req/s   p50 %-9s p99 %-9s errors %d%s\n", label, rps, p50, p99, non2xx+0, (sock ? " (" sock ")" : "")}' "$2"
 }
+# Resident memory of the server process (kB): now, and its peak so far.
+rss() { awk '/^VmRSS|^VmHWM/ {printf "%s %s kB  ", $1, $2}' "/proc/$server_pid/status"; }
+rss_idle=$(rss)
 echo "warm-up (3 s, 32 connections)"; run 32 3s >/dev/null
 run 32 10s | tee "$dir/c32"
 run 1 10s | tee "$dir/c1"
@@ -42,3 +45,5 @@ echo
 echo "== POST /predict, single image, Basic auth, keep-alive, model $model"
 summary "32 connections" "$dir/c32"
 summary "1 connection" "$dir/c1"
+echo "memory idle:       $rss_idle"
+echo "memory after load: $(rss)"

@@ -695,3 +695,33 @@ fn a_slow_client_is_cut_off_and_does_not_block_others() {
     // The connection is closed (EOF reached above) and the server is healthy.
     assert_eq!(get(&s, "/v2/health/live", false).status, 200);
 }
+
+#[test]
+fn healthcheck_subcommand_follows_readiness() {
+    let healthcheck = |addr: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fmnist-serve"))
+            .args(["healthcheck", "--timeout-ms", "2000"])
+            .env("FMNIST_LISTEN", addr)
+            .output()
+            .unwrap()
+    };
+    let s = Server::start(&[]);
+    // The image sets FMNIST_LISTEN=0.0.0.0:8080 for both the server and its HEALTHCHECK.
+    let port = s.addr.rsplit_once(':').unwrap().1.to_string();
+    let out = healthcheck(&format!("0.0.0.0:{port}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("200 OK"));
+    let addr = s.addr.clone();
+    assert!(s.terminate(Duration::from_secs(20)).success());
+    let out = healthcheck(&addr);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect") && err.contains(&addr),
+        "{err}"
+    );
+}

@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
+pub mod probe;
 pub mod routes;
 pub mod shutdown;
 
