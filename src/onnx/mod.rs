@@ -6,7 +6,7 @@ pub mod writer;
 
 pub use crate::preprocess::InputLayout;
 pub use model::{ModelError, OnnxModel};
-pub use writer::{GraphSpec, Layer, WriteError};
+pub use writer::{adaptive_pool_matrix, GraphSpec, Layer, WriteError};
 
 /// Name of the graph input in every model fmnist writes.
 pub const INPUT_NAME: &str = "pixels";

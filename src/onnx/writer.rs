@@ -32,6 +32,14 @@ pub enum Layer {
     Relu,
     /// Square max pooling without padding.
     MaxPool2d { kernel: usize, stride: usize },
+    /// PyTorch's `AdaptiveAvgPool2d(out)` on a map of known size `in_h×in_w`: written as two
+    /// MatMuls with [`adaptive_pool_matrix`]es (the pool is separable), since ONNX has no
+    /// adaptive pooling. `out = 1` is global average pooling.
+    AdaptiveAvgPool2d {
+        in_h: usize,
+        in_w: usize,
+        out: usize,
+    },
     /// `[N, C, H, W]` → `[N, C*H*W]`.
     Flatten,
     /// Fully connected; `weight` is `[out, in]` row-major (PyTorch's `nn.Linear`).
@@ -81,6 +89,7 @@ impl Layer {
             Layer::Conv2d { .. } => "Conv2d",
             Layer::Relu => "Relu",
             Layer::MaxPool2d { .. } => "MaxPool2d",
+            Layer::AdaptiveAvgPool2d { .. } => "AdaptiveAvgPool2d",
             Layer::Flatten => "Flatten",
             Layer::Linear { .. } => "Linear",
         }
@@ -130,6 +139,11 @@ impl Layer {
                 }
                 if bias.len() != *out_features {
                     return fail(format!("{} biases for {out_features} outputs", bias.len()));
+                }
+            }
+            Layer::AdaptiveAvgPool2d { in_h, in_w, out } => {
+                if *in_h == 0 || *in_w == 0 || *out == 0 {
+                    return fail(format!("empty pool {in_h}x{in_w} -> {out}x{out}"));
                 }
             }
             Layer::Relu | Layer::MaxPool2d { .. } | Layer::Flatten => {}
@@ -259,6 +273,43 @@ pub fn build_model(spec: &GraphSpec) -> Result<ModelProto, WriteError> {
                 n.attribute = vec![ints("kernel_shape", &[k, k]), ints("strides", &[s, s])];
                 nodes.push(n);
             }
+            Layer::AdaptiveAvgPool2d {
+                in_h,
+                in_w,
+                out: side,
+            } => {
+                let (rows, cols_t, mid) = (
+                    format!("{name}.rows"),
+                    format!("{name}.cols_t"),
+                    format!("{name}.pooled_rows"),
+                );
+                initializers.push(tensor(
+                    &rows,
+                    &[*side, *in_h],
+                    &adaptive_pool_matrix(*in_h, *side),
+                ));
+                let cols = adaptive_pool_matrix(*in_w, *side);
+                let mut t = vec![0f32; cols.len()];
+                for o in 0..*side {
+                    for i in 0..*in_w {
+                        t[i * side + o] = cols[o * in_w + i];
+                    }
+                }
+                initializers.push(tensor(&cols_t, &[*in_w, *side], &t));
+                // [side,H] x [N,C,H,W] -> [N,C,side,W]; then x [W,side] -> [N,C,side,side].
+                nodes.push(node(
+                    "MatMul",
+                    format!("{name}_rows"),
+                    vec![rows, current.clone()],
+                    mid.clone(),
+                ));
+                nodes.push(node(
+                    "MatMul",
+                    format!("{name}_cols"),
+                    vec![mid, cols_t],
+                    out.clone(),
+                ));
+            }
             Layer::Flatten => nodes.push(node("Flatten", name, vec![current.clone()], out.clone())),
             Layer::Linear {
                 weight,
@@ -329,6 +380,22 @@ pub fn build_model(spec: &GraphSpec) -> Result<ModelProto, WriteError> {
     })
 }
 
+/// The `[out, len]` row-major matrix of PyTorch's adaptive average pooling along one axis:
+/// output `o` averages inputs `floor(o·len/out) .. ceil((o+1)·len/out)` (so it upsamples
+/// when `out > len`, repeating inputs, exactly as `AdaptiveAvgPool2d` does).
+pub fn adaptive_pool_matrix(len: usize, out: usize) -> Vec<f32> {
+    let mut m = vec![0f32; out * len];
+    for o in 0..out {
+        let start = o * len / out;
+        let end = ((o + 1) * len).div_ceil(out);
+        let weight = 1.0 / (end - start) as f32;
+        for i in start..end {
+            m[o * len + i] = weight;
+        }
+    }
+    m
+}
+
 /// Writes `spec` as an ONNX file, atomically: the bytes go to a temporary file beside `path`
 /// which is then renamed over it, so a crash never leaves a half-written model behind.
 pub fn write_model(path: &Path, spec: &GraphSpec) -> Result<(), WriteError> {
@@ -373,4 +440,34 @@ pub fn metadata(model: &onnx::ModelProto) -> Vec<(String, String)> {
         .iter()
         .map(|e| (e.key.clone(), e.value.clone()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(m: &[f32], len: usize) -> Vec<Vec<f32>> {
+        m.chunks(len).map(|r| r.to_vec()).collect()
+    }
+
+    #[test]
+    fn adaptive_pool_matrix_follows_pytorch_bins() {
+        // Same size: identity. Half size: pairs. 2 -> 7 upsamples (torchvision's 7x7 pool on
+        // the 2x2 map of a 64x64 input): bins [0,1) [0,1) [0,1) [0,2) [1,2) [1,2) [1,2).
+        let id = adaptive_pool_matrix(3, 3);
+        assert_eq!(id, vec![1., 0., 0., 0., 1., 0., 0., 0., 1.]);
+        assert_eq!(
+            rows(&adaptive_pool_matrix(4, 2), 4),
+            vec![vec![0.5, 0.5, 0., 0.], vec![0., 0., 0.5, 0.5]]
+        );
+        let up = rows(&adaptive_pool_matrix(2, 7), 2);
+        assert_eq!(up[0], vec![1., 0.]);
+        assert_eq!(up[3], vec![0.5, 0.5]);
+        assert_eq!(up[6], vec![0., 1.]);
+        // 5 -> 3: bins [0,2) [1,4) [3,5) overlap, as in PyTorch.
+        let odd = rows(&adaptive_pool_matrix(5, 3), 5);
+        assert_eq!(odd[1], vec![0., 1. / 3., 1. / 3., 1. / 3., 0.]);
+        // Global average pooling.
+        assert_eq!(adaptive_pool_matrix(4, 1), vec![0.25; 4]);
+    }
 }

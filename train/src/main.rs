@@ -2,11 +2,13 @@
 
 mod data;
 mod export;
+mod features;
 mod loader;
 mod metrics;
 mod models;
 mod optim;
 mod train;
+mod transfer;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -32,6 +34,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
         Typical use:\n  \
         fmnist-train convert --images train-images-idx3-ubyte.gz --out data/fashion-mnist_train.csv\n  \
         fmnist-train train --data data/fashion-mnist_train.csv --test data/fashion-mnist_test.csv\n  \
+        fmnist-train train --model vgg16 --weights vgg16.safetensors --input-size 64\n  \
         fmnist-train eval --model weights/fmnist-cnn.onnx --data data/fashion-mnist_test.csv"
 )]
 struct Cli {
@@ -58,13 +61,40 @@ struct TrainArgs {
     /// metrics go into the .json written beside the model.
     #[arg(long)]
     test: Option<PathBuf>,
-    /// Where to write the ONNX model. The .safetensors weights and .json summary go beside it,
-    /// and so does the checkpoint (.ckpt.*) while training runs.
-    #[arg(long, default_value = "weights/fmnist-cnn.onnx")]
-    out: PathBuf,
-    /// Model architecture.
-    #[arg(long, default_value = "cnn", value_parser = ["cnn"])]
+    /// Where to write the ONNX model [default: weights/fmnist-cnn.onnx, or
+    /// weights/fmnist-vgg16.onnx for --model vgg16]. The .safetensors weights and .json
+    /// summary go beside it, and so does the checkpoint (.ckpt.*) while a CNN trains.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Model: 'cnn' (trained from scratch; the default and the shipped model) or 'vgg16'
+    /// (transfer learning: ImageNet-pretrained VGG16 from --weights, frozen; only a new head
+    /// is trained, on backbone features cached in --cache-dir).
+    #[arg(long, default_value = "cnn", value_parser = ["cnn", "vgg16"])]
     model: String,
+    /// vgg16: ImageNet-pretrained VGG16 safetensors, torchvision layout (features.N.*,
+    /// classifier.{0,3,6}.*) or timm's vgg16.tv_in1k (pre_logits.fc1/fc2, head.fc).
+    /// `make vgg16-weights` downloads timm's file.
+    #[arg(long, required_if_eq("model", "vgg16"))]
+    weights: Option<PathBuf>,
+    /// vgg16: 'last' trains a new 4096→10 layer on the frozen fc6/fc7 (the seed's recipe);
+    /// 'mlp' trains a small MLP on average-pooled convolutional features (works with weight
+    /// files that have no classifier).
+    #[arg(long, value_enum, default_value_t = transfer::HeadMode::Last)]
+    head: transfer::HeadMode,
+    /// vgg16: side the 28×28 images are resized to (bilinear, as PyTorch). 224 is VGG16's
+    /// native size and costs ~12× more per image than 64; 32 is the smallest possible.
+    #[arg(long, default_value_t = 224)]
+    input_size: usize,
+    /// vgg16 with --head mlp: hidden width of the MLP.
+    #[arg(long, default_value_t = 256)]
+    head_hidden: usize,
+    /// vgg16: folder of the backbone feature caches (keyed by weights, input size, head and
+    /// data; a cache that does not match is rebuilt; an interrupted extraction resumes).
+    #[arg(long, default_value = "data/vgg-cache")]
+    cache_dir: PathBuf,
+    /// vgg16: images per backbone forward pass during feature extraction.
+    #[arg(long, default_value_t = 16)]
+    extract_batch: usize,
     /// Passes over the training data.
     #[arg(long, default_value_t = 18)]
     epochs: usize,
@@ -184,6 +214,13 @@ fn predictions(logits: &[Vec<f32>]) -> Vec<u8> {
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
+    if a.model == "vgg16" {
+        return cmd_train_vgg(a);
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("weights/fmnist-cnn.onnx"));
     let dev = device(a.cpu)?;
     let started = Instant::now();
     let d = load_data(&a.data, a.limit)?;
@@ -215,7 +252,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         data: &d,
         track: if a.track_test { test.as_ref() } else { None },
         data_sha256: data_sha.clone(),
-        out: a.out.clone(),
+        out: out.clone(),
         resume: a.resume,
         device: dev,
         quiet: a.quiet,
@@ -234,7 +271,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             seconds,
         } => (model, history, seconds),
     };
-    let (ckpt_st, ckpt_js) = train::checkpoint_paths(&a.out);
+    let (ckpt_st, ckpt_js) = train::checkpoint_paths(&out);
     let state: train::CheckpointState = serde_json::from_slice(&std::fs::read(&ckpt_js)?)?;
     let summary = serde_json::json!({
         "recipe": state.recipe,
@@ -245,12 +282,12 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     });
     export::export(
         model.as_ref(),
-        &a.out,
+        &out,
         vec![("training".to_string(), summary.to_string())],
     )?;
     let test_report = match (&test, &a.test) {
         (Some(t), Some(path)) => {
-            let onnx = OnnxModel::load(&a.out)?;
+            let onnx = OnnxModel::load(&out)?;
             let preds = predictions(&onnx_logits(&onnx, t, 500)?);
             let r = metrics::Report::new(&t.labels, &preds);
             eprintln!(
@@ -263,9 +300,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         }
         _ => None,
     };
-    let model_sha = data::sha256_file(&a.out)?;
+    let model_sha = data::sha256_file(&out)?;
     let info = serde_json::json!({
-        "model_file": a.out.file_name().map(|f| f.to_string_lossy().to_string()),
+        "model_file": out.file_name().map(|f| f.to_string_lossy().to_string()),
         "model_sha256": model_sha,
         "created_by": format!("fmnist-train {}", env!("CARGO_PKG_VERSION")),
         "recipe": state.recipe,
@@ -278,17 +315,177 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         "wall_seconds": started.elapsed().as_secs_f64(),
         "epochs": history,
     });
-    let js = a.out.with_extension("json");
+    let js = out.with_extension("json");
     fmnist::onnx::writer::write_atomic(&js, &serde_json::to_vec_pretty(&info)?)?;
     // The run is complete and exported: the checkpoint has served its purpose.
     let _ = std::fs::remove_file(&ckpt_st);
     let _ = std::fs::remove_file(&ckpt_js);
     eprintln!(
         "wrote {} (+ .safetensors, .json) in {:.0}s",
-        a.out.display(),
+        out.display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `train --model vgg16`: features through the frozen backbone (cached), then the head.
+fn cmd_train_vgg(a: TrainArgs) -> Result<()> {
+    use transfer::HeadMode;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("weights/fmnist-vgg16.onnx"));
+    let weights = a
+        .weights
+        .clone()
+        .context("--model vgg16 needs --weights FILE")?;
+    if a.input_size < models::vgg::MIN_INPUT {
+        bail!(
+            "--input-size {} is too small: VGG16 needs at least {}",
+            a.input_size,
+            models::vgg::MIN_INPUT
+        );
+    }
+    let dev = device(a.cpu)?;
+    let started = Instant::now();
+    let d = load_data(&a.data, a.limit)?;
+    let data_sha =
+        data::sha256_file(&a.data).with_context(|| format!("hashing {}", a.data.display()))?;
+    let vgg = models::vgg::Vgg16::load(&weights, &dev)?;
+    if a.head == HeadMode::Last && vgg.classifier.is_none() {
+        bail!(
+            "{} has no classifier (fc6/fc7), which --head last keeps frozen; use --head mlp",
+            weights.display()
+        );
+    }
+    let weights_sha = transfer::file_sha256(&weights)?;
+    if !a.quiet {
+        eprintln!(
+            "VGG16 from {} ({} layout), input {}x{}, head {:?}; device {:?}",
+            weights.display(),
+            vgg.layout,
+            a.input_size,
+            a.input_size,
+            a.head,
+            dev
+        );
+    }
+    let features_of = |data: &data::Dataset, file: &Path, sha: &str| {
+        transfer::cached_features(
+            &vgg,
+            a.head,
+            a.input_size,
+            &weights_sha,
+            data,
+            file,
+            sha,
+            &a.cache_dir,
+            a.extract_batch,
+            a.quiet,
+        )
+    };
+    let feats = features_of(&d, &a.data, &data_sha).map_err(stopped_exits)?;
+    let recipe = transfer::HeadRecipe {
+        head: transfer::HeadConfig {
+            mode: a.head,
+            hidden: a.head_hidden,
+            dropout: a.dropout,
+        },
+        input_size: a.input_size,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        val_fraction: a.val_fraction,
+        seed: a.seed,
+    };
+    let head_started = Instant::now();
+    let (head, history) = transfer::train_head(&feats, &d, &recipe, &dev, a.quiet)?;
+    let head_seconds = head_started.elapsed().as_secs_f64();
+    let test_report = match &a.test {
+        Some(path) => {
+            let t = load_data(path, None)?;
+            let sha = data::sha256_file(path)?;
+            let tf = features_of(&t, path, &sha).map_err(stopped_exits)?;
+            let rows: Vec<usize> = (0..t.len()).collect();
+            let mut preds = Vec::with_capacity(t.len());
+            for chunk in rows.chunks(1000) {
+                let mut v = Vec::with_capacity(chunk.len() * tf.dim);
+                for &r in chunk {
+                    v.extend_from_slice(tf.row(r));
+                }
+                let x = candle_core::Tensor::from_vec(v, (chunk.len(), tf.dim), &dev)?;
+                preds.extend(
+                    head.forward_t(&x, None)?
+                        .argmax(1)?
+                        .to_vec1::<u32>()?
+                        .into_iter()
+                        .map(|p| p as u8),
+                );
+            }
+            let r = metrics::Report::new(&t.labels, &preds);
+            eprintln!(
+                "test accuracy {:.4} on {} images ({})",
+                r.accuracy,
+                t.len(),
+                path.display()
+            );
+            Some((r, sha, t.len()))
+        }
+        None => None,
+    };
+    let summary = serde_json::json!({
+        "recipe": { "model": "vgg16", "head": recipe },
+        "weights_sha256": weights_sha,
+        "train_data_sha256": data_sha,
+        "train_images": d.len(),
+        "head_training_seconds": head_seconds,
+    });
+    let model = transfer::Transfer {
+        backbone: vgg,
+        head,
+        input_size: a.input_size,
+    };
+    export::export(
+        &model,
+        &out,
+        vec![("training".to_string(), summary.to_string())],
+    )?;
+    let info = serde_json::json!({
+        "model_file": out.file_name().map(|f| f.to_string_lossy().to_string()),
+        "model_sha256": data::sha256_file(&out)?,
+        "created_by": format!("fmnist-train {}", env!("CARGO_PKG_VERSION")),
+        "recipe": { "model": "vgg16", "head": recipe },
+        "safetensors": "the trained head only; the backbone is the weights file below, unchanged",
+        "backbone": { "file": weights, "sha256": weights_sha, "layout": model.backbone.layout },
+        "seed": a.seed,
+        "train_data": { "file": a.data, "sha256": data_sha, "images": d.len() },
+        "test_data": test_report.as_ref().map(|(_, sha, n)| serde_json::json!({
+            "file": a.test, "sha256": sha, "images": n })),
+        "test_metrics": test_report.as_ref().map(|(r, _, _)| r),
+        "head_training_seconds": head_seconds,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "epochs": history,
+    });
+    fmnist::onnx::writer::write_atomic(
+        &out.with_extension("json"),
+        &serde_json::to_vec_pretty(&info)?,
+    )?;
+    eprintln!(
+        "wrote {} (+ .safetensors with the head, .json) in {:.0}s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Ctrl-C during feature extraction: say where the work is kept and exit 130.
+fn stopped_exits(e: anyhow::Error) -> anyhow::Error {
+    if let Some(stop) = e.downcast_ref::<features::Interrupted>() {
+        eprintln!("{stop}. Run the same command again to resume.");
+        std::process::exit(130);
+    }
+    e
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
@@ -309,6 +506,12 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                     .with_context(|| format!("reading the recipe in {}", js.display()))?,
             )
             .with_context(|| format!("{} is not valid JSON", js.display()))?;
+            if info["recipe"]["model"] == "vgg16" {
+                bail!(
+                    "{} holds only a VGG16 transfer model's head; evaluate its .onnx file",
+                    a.model.display()
+                );
+            }
             let recipe: train::Recipe = serde_json::from_value(info["recipe"].clone())
                 .with_context(|| format!("{} has no usable 'recipe'", js.display()))?;
             let dev = Device::Cpu;

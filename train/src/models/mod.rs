@@ -2,6 +2,7 @@
 
 pub mod cnn;
 pub mod kernels;
+pub mod vgg;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use fmnist::onnx::Layer;
