@@ -14,12 +14,14 @@ MODEL ?= weights/fmnist-cnn.onnx
 VENV ?= .venv
 
 .PHONY: help deps deps-data build data train eval serve test test-rust test-onnxruntime check-shipped \
-        bench bench-train bench-serve postman image image-run image-test k8s-validate fmt lint clean
+        bench bench-train bench-serve bench-vgg vgg16-weights train-vgg postman image image-run image-test k8s-validate fmt lint clean
 
 help:
 	@echo "make serve        serve $(MODEL) on http://127.0.0.1:8080 (dev credentials admin/password123)"
 	@echo "make train        train the default CNN on the full training set -> $(MODEL)"
 	@echo "make eval         evaluate $(MODEL) on the official test set"
+	@echo "make vgg16-weights download timm's ImageNet VGG16 (528 MB) to $(VGG16_WEIGHTS)"
+	@echo "make train-vgg    VGG16 transfer learning (frozen backbone, new head) at VGG_SIZE=$(VGG_SIZE)"
 	@echo "make test         the whole test suite (what CI runs)"
 	@echo "make data         data/fashion-mnist_{train,test}.csv from the official files"
 	@echo "make postman      run the Postman collection with newman against a fresh server"
@@ -30,6 +32,7 @@ help:
 	@echo "make bench        all benchmarks (bench-train, bench-serve)"
 	@echo "make bench-train  training throughput and time-to-accuracy on the full data"
 	@echo "make bench-serve  HTTP load test of POST /predict with wrk"
+	@echo "make bench-vgg    VGG16 feature extraction (img/s at 224 and 64) and head-training time"
 	@echo "make lint         cargo fmt --check and clippy -D warnings"
 
 # Installs (as root) or names (otherwise) a Debian package when the command/file is missing.
@@ -74,6 +77,23 @@ data: data/fashion-mnist_train.csv data/fashion-mnist_test.csv
 train: build data
 	$(TRAIN) train --data data/fashion-mnist_train.csv --test data/fashion-mnist_test.csv --out $(MODEL)
 
+# VGG16 transfer learning. The pretrained weights (528 MB) are never committed: they live in
+# data/ (git-ignored), and so does the feature cache. Nothing downloads during tests.
+VGG16_WEIGHTS ?= data/vgg16.safetensors
+VGG16_URL ?= https://huggingface.co/timm/vgg16.tv_in1k/resolve/main/model.safetensors
+VGG_SIZE ?= 64
+VGG_HEAD ?= last
+
+$(VGG16_WEIGHTS):
+	@mkdir -p $(dir $@)
+	curl -fL --retry 3 -o $@.part $(VGG16_URL) && mv $@.part $@
+
+vgg16-weights: $(VGG16_WEIGHTS)
+
+train-vgg: build data $(VGG16_WEIGHTS)
+	$(TRAIN) train --model vgg16 --weights $(VGG16_WEIGHTS) --head $(VGG_HEAD) --input-size $(VGG_SIZE) \
+	  --data data/fashion-mnist_train.csv --test data/fashion-mnist_test.csv --out weights/fmnist-vgg16.onnx
+
 # Development server: the documented development credentials, on loopback only.
 serve: build
 	@echo "fmnist-serve: development credentials admin / password123 (FMNIST_BASIC_AUTH); do not use them in production"
@@ -112,12 +132,17 @@ test-onnxruntime: build $(VENV)/.ok
 postman: build
 	@bash scripts/postman.sh $(RELEASE)/fmnist-serve $(MODEL) 127.0.0.1:18081
 
-bench: bench-train bench-serve
+bench: bench-train bench-serve bench-vgg
 
 BENCH_ADDR ?= 127.0.0.1:18080
 bench-serve: build
 	$(call need_pkg,wrk,command -v wrk)
 	@bash scripts/bench_serve.sh $(RELEASE)/fmnist-serve $(MODEL) $(BENCH_ADDR)
+
+# Uses $(VGG16_WEIGHTS) when present, else formula weights of the same shapes (speed does
+# not depend on the values).
+bench-vgg: build
+	$(TRAIN) bench-vgg $(if $(wildcard $(VGG16_WEIGHTS)),--weights $(VGG16_WEIGHTS),)
 
 bench-train: build data
 	$(TRAIN) train --data data/fashion-mnist_train.csv --test data/fashion-mnist_test.csv \

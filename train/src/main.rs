@@ -50,6 +50,35 @@ enum Command {
     Eval(EvalArgs),
     /// Write an IDX images/labels pair as a Kaggle-layout CSV file.
     Convert(ConvertArgs),
+    /// Measure VGG16 feature extraction (images/s per input size) and head-training time.
+    BenchVgg(BenchVggArgs),
+}
+
+#[derive(Args)]
+struct BenchVggArgs {
+    /// VGG16 safetensors to time; without it, deterministic formula weights of the same
+    /// shapes are used (speed does not depend on the values).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Images fed through the backbone.
+    #[arg(long, default_value = "fixtures/sample.csv")]
+    data: PathBuf,
+    /// Input sizes to time.
+    #[arg(long, default_values_t = [224, 64], num_args = 1..)]
+    sizes: Vec<usize>,
+    /// Images timed per size (after one warm-up batch).
+    #[arg(long, default_value_t = 64)]
+    images: usize,
+    /// Images per backbone forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Head training is timed on this many rows of synthetic cached features (the full
+    /// training set is 60,000).
+    #[arg(long, default_value_t = 60_000)]
+    head_rows: usize,
+    /// Epochs of head training timed, per head.
+    #[arg(long, default_value_t = 2)]
+    head_epochs: usize,
 }
 
 #[derive(Args)]
@@ -559,6 +588,94 @@ fn cmd_convert(a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_bench_vgg(a: BenchVggArgs) -> Result<()> {
+    use models::vgg::{formula_tensors, Vgg16, VggConfig};
+    use transfer::HeadMode;
+    let dev = Device::Cpu;
+    let threads = candle_core::utils::get_num_threads();
+    let vgg = match &a.weights {
+        Some(w) => Vgg16::load(w, &dev)?,
+        None => Vgg16::from_tensors(
+            formula_tensors(VggConfig::VGG16),
+            VggConfig::VGG16,
+            Path::new("formula weights"),
+        )?,
+    };
+    let source = a
+        .weights
+        .as_ref()
+        .map_or("formula weights".to_string(), |w| w.display().to_string());
+    println!(
+        "VGG16 ({source}), CPU, {threads} threads, batch {}",
+        a.batch
+    );
+    let d = load_data(&a.data, None)?;
+    anyhow::ensure!(!d.is_empty(), "{} has no images", a.data.display());
+    let rows: Vec<usize> = (0..a.images.max(1)).map(|i| i % d.len()).collect();
+    for &size in &a.sizes {
+        let layout = fmnist::InputLayout::Rgb { size };
+        let run = |chunk: &[usize]| -> Result<()> {
+            let images: Vec<&[u8]> = chunk.iter().map(|&i| d.image(i)).collect();
+            let x = fmnist::preprocess::batch_from_pixels(&images, layout, &dev)?;
+            transfer::backbone_features(&vgg, HeadMode::Last, &x)?;
+            Ok(())
+        };
+        run(&rows[..a.batch.min(rows.len())])?; // warm-up
+        let started = Instant::now();
+        for chunk in rows.chunks(a.batch.max(1)) {
+            run(chunk)?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "features {size:>3}x{size:<3} {:>8.1} img/s  {:>8.1} ms/img  ({} images, preprocessing + 13 convs + fc6/fc7)",
+            rows.len() as f64 / secs,
+            secs * 1000.0 / rows.len() as f64,
+            rows.len()
+        );
+    }
+    // Head training reads cached features; its cost depends only on their shape.
+    let labels = data::Dataset {
+        labels: (0..a.head_rows).map(|i| (i % 10) as u8).collect(),
+        images: vec![0; a.head_rows * fmnist::classes::IMAGE_PIXELS],
+    };
+    for mode in [HeadMode::Last, HeadMode::Mlp] {
+        let dim = transfer::feature_dim(&vgg, mode);
+        let mut r = loader::rng(1, 1);
+        let values: Vec<f32> = (0..a.head_rows * dim)
+            .map(|_| rand::Rng::random::<f32>(&mut r))
+            .collect();
+        let feats = features::Features {
+            values,
+            dim,
+            origin: features::Origin::Reused,
+        };
+        let recipe = transfer::HeadRecipe {
+            head: transfer::HeadConfig {
+                mode,
+                hidden: 256,
+                dropout: 0.3,
+            },
+            input_size: 224,
+            epochs: a.head_epochs.max(1),
+            batch_size: 128,
+            lr: 2e-3,
+            weight_decay: 1e-4,
+            val_fraction: 0.05,
+            seed: 1,
+        };
+        let started = Instant::now();
+        let (_, history) = transfer::train_head(&feats, &labels, &recipe, &dev, true)?;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "head {:<4} on {} x {dim} features: {:.2} s/epoch (batch 128, incl. validation)",
+            format!("{mode:?}").to_lowercase(),
+            a.head_rows,
+            secs / history.len() as f64
+        );
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     fmnist::report::exit_code(run())
 }
@@ -577,5 +694,6 @@ fn run() -> Result<()> {
         Command::Train(a) => cmd_train(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Convert(a) => cmd_convert(a),
+        Command::BenchVgg(a) => cmd_bench_vgg(a),
     }
 }

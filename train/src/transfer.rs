@@ -481,3 +481,183 @@ pub fn train_head(
     }
     Ok((head, history))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::vgg::{formula_tensors, VggConfig};
+    use fmnist::OnnxModel;
+
+    const NARROW: VggConfig = VggConfig {
+        widths: [8, 8, 16, 16, 16],
+        fc: 32,
+        classes: 7,
+    };
+
+    fn sample() -> Dataset {
+        crate::data::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/sample.csv"))
+            .unwrap()
+    }
+
+    fn backbone() -> Vgg16 {
+        Vgg16::from_tensors(formula_tensors(NARROW), NARROW, Path::new("formula")).unwrap()
+    }
+
+    fn snapshot(vgg: &Vgg16) -> Vec<Vec<f32>> {
+        let mut out: Vec<Vec<f32>> = vgg
+            .convs
+            .iter()
+            .flat_map(|(w, b)| [flat(w).unwrap(), flat(b).unwrap()])
+            .collect();
+        for fc in vgg.classifier.as_ref().unwrap() {
+            out.push(flat(&fc.weight).unwrap());
+            out.push(flat(&fc.bias).unwrap());
+        }
+        out
+    }
+
+    fn recipe(mode: HeadMode) -> HeadRecipe {
+        HeadRecipe {
+            head: HeadConfig {
+                mode,
+                hidden: 24,
+                dropout: 0.1,
+            },
+            input_size: 32,
+            epochs: 4,
+            batch_size: 32,
+            lr: 5e-3,
+            weight_decay: 1e-4,
+            val_fraction: 0.1,
+            seed: 5,
+        }
+    }
+
+    /// Features, head training, the frozen backbone, and the exported ONNX model, per head.
+    fn whole_path(mode: HeadMode) {
+        let data = sample().select(&(0..160).collect::<Vec<_>>());
+        let dev = Device::Cpu;
+        let vgg = backbone();
+        let before = snapshot(&vgg);
+        let dir = tempfile::tempdir().unwrap();
+        let feats = cached_features(
+            &vgg,
+            mode,
+            32,
+            "formula",
+            &data,
+            Path::new("sample.csv"),
+            "sample-sha",
+            dir.path(),
+            20,
+            true,
+        )
+        .unwrap();
+        assert_eq!(feats.dim, feature_dim(&vgg, mode));
+        assert_eq!(feats.values.len(), data.len() * feats.dim);
+        // The cached features are what the backbone computes for those images (up to the
+        // summation order of a different batch size).
+        let some: Vec<&[u8]> = (5..9).map(|i| data.image(i)).collect();
+        let x = fmnist::preprocess::batch_from_pixels(&some, InputLayout::Rgb { size: 32 }, &dev)
+            .unwrap();
+        let direct = flat(&backbone_features(&vgg, mode, &x).unwrap()).unwrap();
+        let cached = &feats.values[5 * feats.dim..9 * feats.dim];
+        let scale = cached.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = direct
+            .iter()
+            .zip(cached)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-5 * scale.max(1.0), "cache differs by {diff}");
+
+        let (head, history) = train_head(&feats, &data, &recipe(mode), &dev, true).unwrap();
+        assert_eq!(history.len(), 4);
+        assert!(history.iter().all(|e| e.train_loss.is_finite()));
+        assert!(
+            history[3].train_loss < history[0].train_loss,
+            "loss did not fall: {history:?}"
+        );
+        let model = Transfer {
+            backbone: vgg,
+            head,
+            input_size: 32,
+        };
+        // Only the head is a parameter; the backbone is untouched, bit for bit.
+        assert!(model
+            .params()
+            .vars()
+            .iter()
+            .all(|(n, _)| n.starts_with("head.")));
+        assert_eq!(snapshot(&model.backbone), before);
+
+        let out = dir.path().join("vgg.onnx");
+        crate::export::export(&model, &out, vec![]).unwrap();
+        let onnx = OnnxModel::load(&out).unwrap();
+        assert_eq!(onnx.layout(), InputLayout::Rgb { size: 32 });
+        let ours = crate::train::predict(&model, &data, 40, &dev)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let images: Vec<&[u8]> = (0..data.len()).map(|i| data.image(i)).collect();
+        let theirs = onnx
+            .logits_for_pixels(&images)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            let diff = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-3, "image {i}: logits differ by {diff}");
+            assert_eq!(
+                fmnist::onnx::model::argmax(a),
+                fmnist::onnx::model::argmax(b),
+                "image {i}: {a:?} vs {b:?}"
+            );
+        }
+        // The safetensors sibling holds the head only.
+        let st = candle_core::safetensors::load(out.with_extension("safetensors"), &dev).unwrap();
+        assert!(st.keys().all(|k| k.starts_with("head.")), "{:?}", st.keys());
+    }
+
+    #[test]
+    fn last_head_trains_on_fc7_with_a_frozen_backbone_and_exports() {
+        whole_path(HeadMode::Last);
+    }
+
+    #[test]
+    fn mlp_head_trains_on_pooled_features_and_exports() {
+        whole_path(HeadMode::Mlp);
+    }
+
+    #[test]
+    fn onnx_adaptive_pool_upsamples_like_torchvision_at_64() {
+        // At 64x64 the last map is 2x2 and AdaptiveAvgPool2d(7) upsamples it: the export's
+        // MatMul pair must agree with the candle model there too (fc6 sees 7x7 cells).
+        let data = sample().select(&(0..12).collect::<Vec<_>>());
+        let dev = Device::Cpu;
+        let mut r = loader::rng(1, 2);
+        let model = Transfer {
+            backbone: backbone(),
+            head: Head::new(recipe(HeadMode::Last).head, NARROW.fc, &mut r, &dev).unwrap(),
+            input_size: 64,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("vgg64.onnx");
+        crate::export::export(&model, &out, vec![]).unwrap();
+        let onnx = OnnxModel::load(&out).unwrap();
+        let ours = crate::train::predict(&model, &data, 12, &dev).unwrap();
+        let images: Vec<&[u8]> = (0..data.len()).map(|i| data.image(i)).collect();
+        let theirs = onnx.logits_for_pixels(&images).unwrap();
+        let diff = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "logits differ by {diff}");
+    }
+}

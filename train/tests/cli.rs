@@ -265,3 +265,199 @@ fn convert_writes_kaggle_csv_from_idx() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("2 images but"), "{}", stderr(&o));
 }
+
+/// A backbone-only VGG16 file (the 13 convolutions in torchvision's names and shapes) with
+/// deterministic He-uniform values: what `--head mlp` needs, 59 MB instead of 528.
+fn write_vgg_backbone(path: &Path) {
+    use candle_core::{Device, Tensor};
+    let idx = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28];
+    let widths = [
+        64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512,
+    ];
+    let mut tensors = std::collections::HashMap::new();
+    let mut state = 0x2545F4914F6CDD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    let mut c_in = 3;
+    for (i, &c_out) in idx.iter().zip(&widths) {
+        let bound = (6.0 / (c_in * 9) as f32).sqrt();
+        let w: Vec<f32> = (0..c_out * c_in * 9).map(|_| next() * bound).collect();
+        let b: Vec<f32> = (0..c_out).map(|_| next() * 0.01).collect();
+        let dev = &Device::Cpu;
+        tensors.insert(
+            format!("features.{i}.weight"),
+            Tensor::from_vec(w, (c_out, c_in, 3, 3), dev).unwrap(),
+        );
+        tensors.insert(
+            format!("features.{i}.bias"),
+            Tensor::from_vec(b, c_out, dev).unwrap(),
+        );
+        c_in = c_out;
+    }
+    candle_core::safetensors::save(&tensors, path).unwrap();
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, body).
+fn http(addr: &str, request: String) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+#[test]
+fn vgg16_transfer_trains_from_a_cache_evaluates_and_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("vgg16-backbone.safetensors");
+    write_vgg_backbone(&weights);
+    let out = dir.path().join("vgg.onnx");
+    let cache = dir.path().join("cache");
+    let data = fixture();
+    let args = |head: &str| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            "vgg16",
+            "--head",
+            head,
+            "--input-size",
+            "32",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+            "--limit",
+            "120",
+            "--extract-batch",
+            "40",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "--weights".into(),
+            weights.display().to_string(),
+            "--data".into(),
+            data.display().to_string(),
+            "--cache-dir".into(),
+            cache.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ])
+        .collect()
+    };
+    // No --weights: clap names the flag.
+    let o = run(&["train", "--model", "vgg16", "--quiet"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--weights"), "{}", stderr(&o));
+    // --head last needs fc6/fc7, which a backbone-only file lacks.
+    let o = bin().args(args("last")).output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no classifier") && stderr(&o).contains("--head mlp"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = bin().args(args("mlp")).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("features: extracted 120 images"),
+        "{}",
+        stderr(&o)
+    );
+    for ext in ["onnx", "safetensors", "json"] {
+        assert!(out.with_extension(ext).exists(), "{ext} missing");
+    }
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(info["recipe"]["model"], "vgg16");
+    assert_eq!(info["recipe"]["head"]["head"]["mode"], "mlp");
+    assert_eq!(info["epochs"].as_array().unwrap().len(), 3);
+    let caches: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert_eq!(caches.len(), 1, "one finished cache file, no .partial left");
+
+    // The second run reads the cache instead of running the backbone again.
+    let first_head = std::fs::read(out.with_extension("safetensors")).unwrap();
+    let o = bin().args(args("mlp")).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("features: reusing"), "{}", stderr(&o));
+    // Same seed, same head, bit for bit (the ONNX metadata records timings, so compare the
+    // weights).
+    assert!(std::fs::read(out.with_extension("safetensors")).unwrap() == first_head);
+
+    // eval works on the transfer model; the safetensors (head only) is refused clearly.
+    let o = eval(&out, &data, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy"));
+    let o = eval(&out.with_extension("safetensors"), &data, &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("evaluate its .onnx file"),
+        "{}",
+        stderr(&o)
+    );
+
+    // fmnist-serve serves it unchanged: 3-channel input, resized by the server.
+    let serve = Path::new(env!("CARGO_BIN_EXE_fmnist-train")).with_file_name("fmnist-serve");
+    assert!(
+        serve.exists(),
+        "{} is missing: build the workspace first (make build)",
+        serve.display()
+    );
+    let mut child = Command::new(&serve)
+        .args(["--listen", "127.0.0.1:0", "--model"])
+        .arg(&out)
+        .env("FMNIST_BASIC_AUTH", "t:pw-for-this-test")
+        .env("FMNIST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("fmnist-serve listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let text = std::fs::read_to_string(&data).unwrap();
+    let row = text.lines().nth(1).unwrap();
+    let pixels = row.split_once(',').unwrap().1;
+    let body = format!("{{\"image\":[{pixels}]}}");
+    let (status, answer) = http(
+        &addr,
+        format!(
+            "POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Basic dDpwdy1mb3ItdGhpcy10ZXN0\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    let model = fmnist::OnnxModel::load(&out).unwrap();
+    let image: Vec<u8> = pixels.split(',').map(|p| p.parse().unwrap()).collect();
+    let logits = model
+        .logits_for_pixels(&[&image])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(
+        answer["label"].as_u64().unwrap() as usize,
+        fmnist::onnx::model::argmax(&logits[0])
+    );
+}
