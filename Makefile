@@ -123,9 +123,18 @@ $(VENV)/.ok: scripts/requirements.txt
 	$(VENV)/bin/pip install -q -r scripts/requirements.txt
 	touch $@
 
+# The same for a VGG16 transfer export (random backbone, mlp head, 64 px: the 3-channel input,
+# resize and the adaptive pool's upsampling MatMuls).
 test-onnxruntime: build $(VENV)/.ok
 	$(TRAIN) eval --model $(MODEL) --data fixtures/sample.csv --logits-out target/candle-logits.json >/dev/null
 	$(VENV)/bin/python scripts/onnxruntime_agrees.py $(MODEL) fixtures/sample.csv target/candle-logits.json
+	@mkdir -p target/ort-vgg
+	$(VENV)/bin/python scripts/random_vgg16_backbone.py target/ort-vgg/backbone.safetensors
+	$(TRAIN) train --model vgg16 --weights target/ort-vgg/backbone.safetensors --head mlp --input-size 64 \
+	  --data fixtures/sample.csv --limit 100 --epochs 2 --cache-dir target/ort-vgg/cache \
+	  --out target/ort-vgg/vgg.onnx --quiet
+	$(TRAIN) eval --model target/ort-vgg/vgg.onnx --data fixtures/sample.csv --logits-out target/ort-vgg/logits.json >/dev/null
+	$(VENV)/bin/python scripts/onnxruntime_agrees.py target/ort-vgg/vgg.onnx fixtures/sample.csv target/ort-vgg/logits.json
 
 # ---- benchmarks --------------------------------------------------------------------------
 # The Postman collection, run by newman against a freshly started server.

@@ -508,6 +508,15 @@ fn cmd_train_vgg(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.
+fn print_stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.context("writing to standard output")?),
+    }
+}
+
 /// Ctrl-C during feature extraction: say where the work is kept and exit 130.
 fn stopped_exits(e: anyhow::Error) -> anyhow::Error {
     if let Some(stop) = e.downcast_ref::<features::Interrupted>() {
@@ -561,8 +570,12 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     let report = metrics::Report::new(&d.labels, &predictions(&logits));
-    println!("model {}\ndata  {}\n", a.model.display(), a.data.display());
-    print!("{}", report.table());
+    print_stdout(&format!(
+        "model {}\ndata  {}\n\n{}",
+        a.model.display(),
+        a.data.display(),
+        report.table()
+    ))?;
     if let Some(j) = &a.json {
         fmnist::onnx::writer::write_atomic(j, &serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", j.display()))?;
