@@ -123,6 +123,18 @@ fn run() -> Result<()> {
     };
     tracing::info!(users = auth.user_count(), %source, "Basic auth configured");
 
+    if let Some(warning) = cfg
+        .credentials_file
+        .as_deref()
+        .and_then(fmnist::server::auth::permission_warning)
+    {
+        tracing::warn!("{warning}");
+    }
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(fmnist::server::tls::acceptor(cert, key)?),
+        _ => None,
+    };
+
     let started = Instant::now();
     let model = Arc::new(OnnxModel::load(&cfg.model)?);
     model.warm_up().context("warming up the model")?;
@@ -145,13 +157,14 @@ fn run() -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let addr = listener.local_addr()?;
-        if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "listening beyond loopback over plain HTTP: Basic auth passwords travel unencrypted; put TLS in front");
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "listening beyond loopback over plain HTTP: Basic auth passwords travel unencrypted; use --tls-cert/--tls-key or put TLS in front");
         }
-        let state = AppState::new(cfg, model, auth);
-        tracing::info!(%addr, "listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let state = AppState::new(cfg, model, auth, tls);
+        tracing::info!(%addr, scheme, "listening");
         // A plain line on stdout too, for scripts and tests that wait for the port.
-        println!("fmnist-serve listening on http://{addr}");
+        println!("fmnist-serve listening on {scheme}://{addr}");
         std::io::stdout().flush().ok();
         serve(state, listener, shutdown::signal()).await?;
         tracing::info!("stopped");

@@ -61,6 +61,27 @@ pub struct Authenticator {
     verified: Mutex<HashMap<[u8; 32], String>>,
 }
 
+/// A warning when the credentials file can be read by every user on the machine (the
+/// hashes would then be open to offline guessing). Not fatal: Kubernetes mounts Secrets
+/// 0644 unless told otherwise.
+pub fn permission_warning(path: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        if mode & 0o004 != 0 {
+            return Some(format!(
+                "credentials file {} is readable by every user (mode {:o}); restrict it, e.g. chmod 600",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    None
+}
+
 fn parse_file(path: &Path, text: &str) -> Result<HashMap<String, String>, AuthConfigError> {
     let mut users = HashMap::new();
     for (i, raw) in text.lines().enumerate() {
@@ -86,6 +107,12 @@ fn parse_file(path: &Path, text: &str) -> Result<HashMap<String, String>, AuthCo
                 "hash algorithm is {}, expected argon2id",
                 parsed.algorithm
             )));
+        }
+        if parsed.salt.is_none() || parsed.hash.is_none() {
+            return Err(fail(
+                "the hash has no salt or no digest (make lines with `fmnist-serve hash-password`)"
+                    .into(),
+            ));
         }
         if users.insert(user.to_string(), hash.to_string()).is_some() {
             return Err(fail(format!("user '{user}' appears twice")));
@@ -238,6 +265,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("twice"), "{err}");
+        // A PHC string without salt and digest parses but could never verify anything.
+        let err = parse_file(p, "a:$argon2id$broken\n").unwrap_err().to_string();
+        assert!(err.contains("no salt or no digest"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,28 @@ pub struct ServeConfig {
     #[arg(long, env = "FMNIST_CREDENTIALS_FILE")]
     pub credentials_file: Option<PathBuf>,
 
+    /// PEM certificate chain for HTTPS (with --tls-key). Without it the server speaks plain
+    /// HTTP, which is fine on loopback or behind a TLS-terminating proxy.
+    #[arg(long, env = "FMNIST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "FMNIST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Failed Basic-auth attempts one client address may make within
+    /// --auth-failure-window-secs before it is locked out (429 with Retry-After). 0: no limit.
+    #[arg(long, env = "FMNIST_AUTH_MAX_FAILURES", default_value_t = 10)]
+    pub auth_max_failures: u32,
+
+    /// Window in which failed attempts are counted, in seconds.
+    #[arg(long, env = "FMNIST_AUTH_FAILURE_WINDOW_SECS", default_value_t = 60)]
+    pub auth_failure_window_secs: u64,
+
+    /// How long a locked-out address gets 429 on authenticated routes, in seconds.
+    #[arg(long, env = "FMNIST_AUTH_LOCKOUT_SECS", default_value_t = 60)]
+    pub auth_lockout_secs: u64,
+
     /// Largest request body accepted, in bytes (larger ones get 413 before being read).
     #[arg(long, env = "FMNIST_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,

@@ -23,6 +23,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unprocessable(String),
+    #[error("too many failed authentication attempts from this address; retry later")]
+    TooManyRequests { retry_after_secs: u64 },
     #[error("server is at capacity (inference queue full); retry shortly")]
     QueueFull { retry_after_secs: u64 },
     #[error("server is shutting down")]
@@ -41,6 +43,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QueueFull { .. } | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -56,7 +59,8 @@ impl ApiError {
                 )]
             }
             ApiError::MethodNotAllowed { allow, .. } => vec![("allow", allow.to_string())],
-            ApiError::QueueFull { retry_after_secs } => {
+            ApiError::QueueFull { retry_after_secs }
+            | ApiError::TooManyRequests { retry_after_secs } => {
                 vec![("retry-after", retry_after_secs.to_string())]
             }
             ApiError::ShuttingDown => vec![("retry-after", "1".into())],

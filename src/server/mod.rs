@@ -10,6 +10,8 @@ pub mod openapi;
 pub mod probe;
 pub mod routes;
 pub mod shutdown;
+pub mod throttle;
+pub mod tls;
 
 use crate::onnx::OnnxModel;
 use crate::preprocess::InputLayout;
@@ -34,6 +36,9 @@ pub struct AppState {
     pub model_metadata: Value,
     pub openapi: Value,
     pub auth: Arc<Authenticator>,
+    pub throttle: throttle::AuthThrottle,
+    /// HTTPS when set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
     /// False once shutdown has begun (readiness answers 503).
@@ -65,7 +70,12 @@ fn model_metadata(name: &str, model: &OnnxModel) -> Value {
 }
 
 impl AppState {
-    pub fn new(config: ServeConfig, model: Arc<OnnxModel>, auth: Authenticator) -> Arc<Self> {
+    pub fn new(
+        config: ServeConfig,
+        model: Arc<OnnxModel>,
+        auth: Authenticator,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Arc<Self> {
         let metrics = Arc::new(Metrics::default());
         let batcher = Batcher::start(
             Arc::clone(&model),
@@ -77,6 +87,11 @@ impl AppState {
             Arc::clone(&metrics),
         );
         let model_name = config.resolved_model_name();
+        let throttle = throttle::AuthThrottle::new(
+            config.auth_max_failures,
+            Duration::from_secs(config.auth_failure_window_secs.max(1)),
+            Duration::from_secs(config.auth_lockout_secs.max(1)),
+        );
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -87,6 +102,8 @@ impl AppState {
             model_name,
             config,
             auth: Arc::new(auth),
+            throttle,
+            tls,
             batcher,
             metrics,
             ready: AtomicBool::new(true),
@@ -94,6 +111,25 @@ impl AppState {
             next_id: AtomicU64::new(1),
         })
     }
+}
+
+/// One HTTP/1.1 connection (plain or TLS), tracked for graceful shutdown.
+async fn serve_connection<IO>(
+    state: Arc<AppState>,
+    peer: std::net::SocketAddr,
+    io: IO,
+    watcher: hyper_util::server::graceful::Watcher,
+    header_timeout: Duration,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| routes::handle(Arc::clone(&state), peer, req));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), svc);
+    let _ = watcher.watch(conn).await;
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
@@ -128,15 +164,21 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let st = Arc::clone(&state);
-                let svc = service_fn(move |req| routes::handle(Arc::clone(&st), peer, req));
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .max_buf_size(64 * 1024)
-                    .serve_connection(TokioIo::new(stream), svc);
-                let watched = graceful.watch(conn);
+                let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    let _ = watched.await;
+                    match st.tls.clone() {
+                        None => serve_connection(st, peer, stream, watcher, header_timeout).await,
+                        Some(tls) => {
+                            // The handshake gets the same deadline as the request headers.
+                            match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                                Ok(Ok(s)) => {
+                                    serve_connection(st, peer, s, watcher, header_timeout).await
+                                }
+                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        }
+                    }
                     drop(permit);
                 });
             }

@@ -124,7 +124,7 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     let route = Route::resolve(&path);
     let label = route.as_ref().map_or("other", Route::label);
-    let result = dispatch(&state, route, req).await;
+    let result = dispatch(&state, peer, route, req).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => error_response(&e),
@@ -142,6 +142,7 @@ pub async fn handle(
 
 async fn dispatch(
     state: &AppState,
+    peer: SocketAddr,
     route: Option<Route>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -161,7 +162,19 @@ async fn dispatch(
             .headers()
             .get(hyper::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        state.auth.check(header).await?;
+        state.throttle.check(peer.ip())?;
+        match state.auth.check(header).await {
+            Ok(_) => state.throttle.succeeded(peer.ip()),
+            // A request without credentials is the normal first step of Basic auth, not a
+            // guess: only wrong credentials count towards the lockout.
+            Err(e) if header.is_none() => return Err(e),
+            Err(e) => {
+                if state.throttle.failed(peer.ip()) {
+                    tracing::warn!(%peer, "too many failed authentication attempts; address locked out");
+                }
+                return Err(e);
+            }
+        }
     }
     let model_known = |name: &str| {
         if name == state.model_name {

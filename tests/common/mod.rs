@@ -50,7 +50,9 @@ impl Server {
 
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fmnist-serve"));
-        cmd.args(["--listen", "127.0.0.1:0"]);
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
         if !args.contains(&"--model") {
             cmd.arg("--model").arg(shipped_model());
         }
@@ -81,7 +83,10 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("fmnist-serve listening on http://") {
+                let addr = line
+                    .strip_prefix("fmnist-serve listening on http://")
+                    .or_else(|| line.strip_prefix("fmnist-serve listening on https://"));
+                if let Some(addr) = addr {
                     let _ = tx.send(addr.to_string());
                 }
             }
@@ -166,7 +171,28 @@ impl Raw {
 
 /// Sends raw bytes on a fresh connection (closing after the request) and reads the response.
 pub fn raw(addr: &str, request: &[u8]) -> Raw {
-    let mut s = TcpStream::connect(addr).unwrap();
+    raw_on(TcpStream::connect(addr).unwrap(), request)
+}
+
+/// A blocking connection to `addr` from the local address `from` (e.g. 127.0.0.2: all of
+/// 127/8 is loopback on Linux), to act as a different client.
+pub fn connect_from(from: &str, addr: &str) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        socket.connect(addr.parse().unwrap()).await.unwrap()
+    });
+    let std = stream.into_std().unwrap();
+    std.set_nonblocking(false).unwrap();
+    std
+}
+
+/// Like [`raw`] on an already open connection.
+pub fn raw_on(mut s: TcpStream, request: &[u8]) -> Raw {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     // No write shutdown: hyper treats a half-closed connection as gone. `Connection: close`
     // makes the server close after answering.
