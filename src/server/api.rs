@@ -2,30 +2,42 @@
 //! with validation that names the offending value.
 
 use super::error::ApiError;
+use super::json::Json;
 use crate::classes::{CLASS_NAMES, IMAGE_PIXELS, NUM_CLASSES};
 use crate::onnx::model::{argmax, softmax_rows};
 use serde_json::{json, Map, Value};
 
-/// Parses a JSON body, answering 400 with serde's position on failure.
-pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadJson(e.to_string()))
+/// Parses a JSON body, answering 400 with serde's position on failure (including duplicate
+/// keys, numbers out of range and nesting too deep).
+pub fn parse_json(body: &[u8]) -> Result<Json, ApiError> {
+    Json::parse(body).map_err(|e| ApiError::BadJson(e.to_string()))
 }
 
 /// Appends one image of 0–255 numbers to `out` as 0–1 values. `at` names it in errors.
-fn push_pixels(v: &Value, at: &str, out: &mut Vec<f32>) -> Result<(), ApiError> {
-    let arr = v.as_array().ok_or_else(|| {
-        ApiError::Unprocessable(format!("{at} must be an array of {IMAGE_PIXELS} numbers"))
+fn push_pixels(v: &Json, at: &str, out: &mut Vec<f32>) -> Result<(), ApiError> {
+    let len = v.array_len().ok_or_else(|| {
+        ApiError::Unprocessable(format!(
+            "{at} must be an array of {IMAGE_PIXELS} numbers, not {v}"
+        ))
     })?;
-    if arr.len() != IMAGE_PIXELS {
+    if len != IMAGE_PIXELS {
         return Err(ApiError::Unprocessable(format!(
-            "{at} has {} values; expected {IMAGE_PIXELS} (28x28 pixels, row-major)",
-            arr.len()
+            "{at} has {len} values; expected {IMAGE_PIXELS} (28x28 pixels, row-major)"
         )));
     }
-    for (i, p) in arr.iter().enumerate() {
-        let x = p
-            .as_f64()
-            .ok_or_else(|| ApiError::Unprocessable(format!("{at}[{i}] is {p}, not a number")))?;
+    let Json::Nums(values) = v else {
+        // A mixed array: name its first item that is not a number.
+        let items = v.items().unwrap_or_default();
+        let (i, p) = items
+            .iter()
+            .enumerate()
+            .find(|(_, p)| !matches!(p, Json::Num(_)))
+            .expect("a mixed array has a non-number");
+        return Err(ApiError::Unprocessable(format!(
+            "{at}[{i}] is {p}, not a number"
+        )));
+    };
+    for (i, &x) in values.iter().enumerate() {
         if !(0.0..=255.0).contains(&x) {
             return Err(ApiError::Unprocessable(format!(
                 "{at}[{i}] is {x}; pixels must be within 0–255"
@@ -46,11 +58,13 @@ pub struct PredictRequest {
 }
 
 /// `{"image": [784]}` or `{"images": [[784], ...]}` (at most `max_images`).
-pub fn parse_predict(body: &Value, max_images: usize) -> Result<PredictRequest, ApiError> {
-    let obj = body.as_object().ok_or_else(|| {
-        ApiError::Unprocessable("body must be a JSON object with \"image\" or \"images\"".into())
-    })?;
-    match (obj.get("image"), obj.get("images")) {
+pub fn parse_predict(body: &Json, max_images: usize) -> Result<PredictRequest, ApiError> {
+    if !body.is_object() {
+        return Err(ApiError::Unprocessable(
+            "body must be a JSON object with \"image\" or \"images\"".into(),
+        ));
+    }
+    match (body.get("image"), body.get("images")) {
         (Some(_), Some(_)) => Err(ApiError::Unprocessable(
             "give either \"image\" or \"images\", not both".into(),
         )),
@@ -64,25 +78,31 @@ pub fn parse_predict(body: &Value, max_images: usize) -> Result<PredictRequest, 
             })
         }
         (None, Some(imgs)) => {
-            let arr = imgs.as_array().ok_or_else(|| {
+            let n = imgs.array_len().ok_or_else(|| {
                 ApiError::Unprocessable("\"images\" must be an array of images".into())
             })?;
-            if arr.is_empty() {
+            if n == 0 {
                 return Err(ApiError::Unprocessable("\"images\" is empty".into()));
             }
-            if arr.len() > max_images {
+            if n > max_images {
                 return Err(ApiError::Unprocessable(format!(
-                    "\"images\" has {} images; at most {max_images} per request",
-                    arr.len()
+                    "\"images\" has {n} images; at most {max_images} per request"
                 )));
             }
-            let mut pixels = Vec::with_capacity(arr.len() * IMAGE_PIXELS);
-            for (j, img) in arr.iter().enumerate() {
+            let Json::Arr(list) = imgs else {
+                // An array of plain numbers: its first item is not an image.
+                let first = imgs.item(0).unwrap_or(Json::Null);
+                return Err(ApiError::Unprocessable(format!(
+                    "images[0] must be an array of {IMAGE_PIXELS} numbers, not {first}"
+                )));
+            };
+            let mut pixels = Vec::with_capacity(n * IMAGE_PIXELS);
+            for (j, img) in list.iter().enumerate() {
                 push_pixels(img, &format!("images[{j}]"), &mut pixels)?;
             }
             Ok(PredictRequest {
                 pixels,
-                n: arr.len(),
+                n,
                 single: false,
             })
         }
@@ -118,30 +138,29 @@ pub struct InferRequest {
     pub outputs: Vec<String>,
 }
 
-fn flatten_numbers(v: &Value, out: &mut Vec<f32>, limit: usize) -> Result<(), ApiError> {
+fn push_unit(x: f64, out: &mut Vec<f32>, limit: usize) -> Result<(), ApiError> {
+    if out.len() >= limit {
+        return Err(ApiError::Unprocessable(format!(
+            "input data has more values than its shape allows ({limit})"
+        )));
+    }
+    if !(0.0..=1.0).contains(&x) {
+        return Err(ApiError::Unprocessable(format!(
+            "input data[{}] is {x}; FP32 pixels must be within 0–1",
+            out.len()
+        )));
+    }
+    out.push(x as f32);
+    Ok(())
+}
+
+fn flatten_numbers(v: &Json, out: &mut Vec<f32>, limit: usize) -> Result<(), ApiError> {
     match v {
-        Value::Array(items) => {
-            for item in items {
-                flatten_numbers(item, out, limit)?;
-            }
-            Ok(())
-        }
-        Value::Number(n) => {
-            if out.len() >= limit {
-                return Err(ApiError::Unprocessable(format!(
-                    "input data has more values than its shape allows ({limit})"
-                )));
-            }
-            let x = n.as_f64().unwrap_or(f64::NAN);
-            let i = out.len();
-            if !(0.0..=1.0).contains(&x) {
-                return Err(ApiError::Unprocessable(format!(
-                    "input data[{i}] is {x}; FP32 pixels must be within 0–1"
-                )));
-            }
-            out.push(x as f32);
-            Ok(())
-        }
+        Json::Nums(xs) => xs.iter().try_for_each(|&x| push_unit(x, out, limit)),
+        Json::Arr(items) => items
+            .iter()
+            .try_for_each(|item| flatten_numbers(item, out, limit)),
+        Json::Num(x) => push_unit(*x, out, limit),
         other => Err(ApiError::Unprocessable(format!(
             "input data[{}] is {other}, not a number",
             out.len()
@@ -151,35 +170,45 @@ fn flatten_numbers(v: &Value, out: &mut Vec<f32>, limit: usize) -> Result<(), Ap
 
 /// `{"inputs": [{"name", "shape": [N,784] | [N,1,28,28], "datatype": "FP32", "data": [...]}],
 ///   "outputs": [{"name": "logits" | "probabilities"}]}`
-pub fn parse_infer(body: &Value, max_images: usize) -> Result<InferRequest, ApiError> {
+pub fn parse_infer(body: &Json, max_images: usize) -> Result<InferRequest, ApiError> {
     let bad = |m: String| ApiError::Unprocessable(m);
-    let obj = body
-        .as_object()
-        .ok_or_else(|| bad("body must be a JSON object".into()))?;
-    let inputs = obj
+    if !body.is_object() {
+        return Err(bad("body must be a JSON object".into()));
+    }
+    let inputs = body
         .get("inputs")
-        .and_then(Value::as_array)
+        .filter(|i| i.array_len().is_some())
         .ok_or_else(|| bad("\"inputs\" must be an array with one tensor".into()))?;
-    if inputs.len() != 1 {
+    let count = inputs.array_len().unwrap_or(0);
+    if count != 1 {
         return Err(bad(format!(
-            "expected exactly one input tensor, got {}",
-            inputs.len()
+            "expected exactly one input tensor, got {count}"
         )));
     }
-    let input = inputs[0]
-        .as_object()
-        .ok_or_else(|| bad("inputs[0] must be an object".into()))?;
-    let datatype = input.get("datatype").and_then(Value::as_str).unwrap_or("");
+    let input = inputs.item(0).unwrap_or(Json::Null);
+    if !input.is_object() {
+        return Err(bad("inputs[0] must be an object".into()));
+    }
+    let datatype = input.get("datatype").and_then(Json::as_str).unwrap_or("");
     if datatype != "FP32" {
         return Err(bad(format!(
             "inputs[0].datatype is {datatype:?}; expected \"FP32\""
         )));
     }
-    let shape: Vec<u64> = input
-        .get("shape")
-        .and_then(Value::as_array)
-        .and_then(|s| s.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
-        .ok_or_else(|| bad("inputs[0].shape must be an array of non-negative integers".into()))?;
+    let shape: Vec<u64> = match input.get("shape") {
+        Some(Json::Nums(dims))
+            if dims
+                .iter()
+                .all(|&d| d >= 0.0 && d.fract() == 0.0 && d < 1e12) =>
+        {
+            dims.iter().map(|&d| d as u64).collect()
+        }
+        _ => {
+            return Err(bad(
+                "inputs[0].shape must be an array of non-negative integers".into(),
+            ))
+        }
+    };
     let n = match shape.as_slice() {
         [n, 784] | [n, 1, 28, 28] => *n as usize,
         _ => {
@@ -203,12 +232,15 @@ pub fn parse_infer(body: &Value, max_images: usize) -> Result<InferRequest, ApiE
             n * IMAGE_PIXELS
         )));
     }
-    let outputs = match obj.get("outputs") {
+    let outputs = match body.get("outputs") {
         None => vec!["logits".to_string()],
-        Some(Value::Array(list)) => {
+        Some(list) => {
+            let items = list
+                .items()
+                .ok_or_else(|| bad("\"outputs\" must be an array".into()))?;
             let mut names = Vec::new();
-            for o in list {
-                let name = o.get("name").and_then(Value::as_str).unwrap_or("");
+            for o in &items {
+                let name = o.get("name").and_then(Json::as_str).unwrap_or("");
                 if name != "logits" && name != "probabilities" {
                     return Err(bad(format!(
                         "unknown output {name:?}; available: \"logits\", \"probabilities\""
@@ -221,10 +253,9 @@ pub fn parse_infer(body: &Value, max_images: usize) -> Result<InferRequest, ApiE
             }
             names
         }
-        Some(_) => return Err(bad("\"outputs\" must be an array".into())),
     };
     Ok(InferRequest {
-        id: obj.get("id").cloned(),
+        id: body.get("id").map(Json::to_value),
         pixels,
         n,
         outputs,
@@ -256,6 +287,11 @@ pub fn infer_response(model: &str, req: &InferRequest, logits: &[f32]) -> Value 
 mod tests {
     use super::*;
 
+    /// The request as the server sees it: serialised, then parsed.
+    fn j(v: &Value) -> Json {
+        parse_json(v.to_string().as_bytes()).unwrap()
+    }
+
     fn img(v: f64) -> Value {
         json!(vec![v; 784])
     }
@@ -264,23 +300,23 @@ mod tests {
     fn predict_validation_names_the_index() {
         let mut bad = vec![json!(0); 784];
         bad[17] = json!(256);
-        let err = parse_predict(&json!({"image": bad}), 8)
+        let err = parse_predict(&j(&json!({"image": bad})), 8)
             .unwrap_err()
             .to_string();
         assert!(err.contains("image[17]") && err.contains("0–255"), "{err}");
-        let err = parse_predict(&json!({"image": [1, 2]}), 8)
+        let err = parse_predict(&j(&json!({"image": [1, 2]})), 8)
             .unwrap_err()
             .to_string();
         assert!(err.contains("2 values"), "{err}");
         let mut s = vec![json!(0); 784];
         s[3] = json!("x");
-        let err = parse_predict(&json!({"images": [img(0.0), s]}), 8)
+        let err = parse_predict(&j(&json!({"images": [img(0.0), s]})), 8)
             .unwrap_err()
             .to_string();
         assert!(err.contains("images[1][3]"), "{err}");
-        assert!(parse_predict(&json!({"images": vec![img(0.0); 9]}), 8).is_err());
-        assert!(parse_predict(&json!({}), 8).is_err());
-        let ok = parse_predict(&json!({"image": img(255.0)}), 8).unwrap();
+        assert!(parse_predict(&j(&json!({"images": vec![img(0.0); 9]})), 8).is_err());
+        assert!(parse_predict(&j(&json!({})), 8).is_err());
+        let ok = parse_predict(&j(&json!({"image": img(255.0)})), 8).unwrap();
         assert_eq!((ok.n, ok.single, ok.pixels[0]), (1, true, 1.0));
     }
 
@@ -310,11 +346,11 @@ mod tests {
     #[test]
     fn infer_accepts_both_shapes_and_nested_data() {
         let flat = json!({"inputs": [{"name": "pixels", "shape": [2, 784], "datatype": "FP32", "data": vec![0.5; 1568]}]});
-        let r = parse_infer(&flat, 8).unwrap();
+        let r = parse_infer(&j(&flat), 8).unwrap();
         assert_eq!((r.n, r.outputs.clone()), (2, vec!["logits".to_string()]));
         let nested = json!({"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "FP32",
             "data": [[vec![vec![0.25; 28]; 28]]]}], "outputs": [{"name": "probabilities"}], "id": "x"});
-        let r = parse_infer(&nested, 8).unwrap();
+        let r = parse_infer(&j(&nested), 8).unwrap();
         assert_eq!(r.pixels.len(), 784);
         let out = infer_response("m", &r, &[0.0; 10]);
         assert_eq!(out["outputs"][0]["shape"], json!([1, 10]));
@@ -326,7 +362,7 @@ mod tests {
             json!({"inputs": [{"shape": [1, 784], "datatype": "FP32", "data": vec![2.0; 784]}]}),
             json!({"inputs": []}),
         ] {
-            assert!(parse_infer(&bad, 8).is_err(), "{bad}");
+            assert!(parse_infer(&j(&bad), 8).is_err(), "{bad}");
         }
     }
 }

@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 
 /// Most verified headers remembered at once; the cache is cleared when it fills.
 const CACHE_CAPACITY: usize = 4096;
+/// argon2 verifications running at once (19 MiB and ~20 ms of one core each).
+pub const MAX_CONCURRENT_VERIFICATIONS: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthConfigError {
@@ -59,6 +61,8 @@ pub struct Authenticator {
     /// Hash checked when the user is unknown, so unknown users cost as much as wrong passwords.
     decoy: String,
     verified: Mutex<HashMap<[u8; 32], String>>,
+    /// Bounds concurrent argon2 runs (memory and CPU under a burst or a guessing attack).
+    hashing: tokio::sync::Semaphore,
 }
 
 /// A warning when the credentials file can be read by every user on the machine (the
@@ -167,6 +171,7 @@ impl Authenticator {
             users,
             decoy: hash_password("decoy password that no header carries")?,
             verified: Mutex::new(HashMap::new()),
+            hashing: tokio::sync::Semaphore::new(MAX_CONCURRENT_VERIFICATIONS),
         })
     }
 
@@ -176,14 +181,24 @@ impl Authenticator {
     }
 
     /// Checks an `Authorization` header; returns the user name. argon2 runs on a blocking
-    /// thread so the reactor keeps serving.
+    /// thread so the reactor keeps serving, at most [`MAX_CONCURRENT_VERIFICATIONS`] at once:
+    /// each takes 19 MiB, and 64 clients arriving together with the same new header once
+    /// drove the server to 1.4 GB. Waiters re-check the cache, so that burst costs one hash.
     pub async fn check(self: &Arc<Self>, header: Option<&[u8]>) -> Result<String, ApiError> {
         let header = header.ok_or(ApiError::Unauthorized)?;
         let digest: [u8; 32] = Sha256::digest(header).into();
-        if let Some(user) = self.verified.lock().expect("auth cache lock").get(&digest) {
-            return Ok(user.clone());
+        if let Some(user) = self.cached(&digest) {
+            return Ok(user);
         }
         let (user, password) = decode_basic(header).ok_or(ApiError::Unauthorized)?;
+        let _permit = self
+            .hashing
+            .acquire()
+            .await
+            .map_err(|e| ApiError::Internal(format!("auth semaphore closed: {e}")))?;
+        if let Some(user) = self.cached(&digest) {
+            return Ok(user);
+        }
         let this = Arc::clone(self);
         let ok = tokio::task::spawn_blocking(move || this.verify(&user, &password).then_some(user))
             .await
@@ -195,6 +210,14 @@ impl Authenticator {
         }
         cache.insert(digest, user.clone());
         Ok(user)
+    }
+
+    fn cached(&self, digest: &[u8; 32]) -> Option<String> {
+        self.verified
+            .lock()
+            .expect("auth cache lock")
+            .get(digest)
+            .cloned()
     }
 
     fn verify(&self, user: &str, password: &str) -> bool {
@@ -266,7 +289,9 @@ mod tests {
             .to_string();
         assert!(err.contains("twice"), "{err}");
         // A PHC string without salt and digest parses but could never verify anything.
-        let err = parse_file(p, "a:$argon2id$broken\n").unwrap_err().to_string();
+        let err = parse_file(p, "a:$argon2id$broken\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no salt or no digest"), "{err}");
     }
 

@@ -5,13 +5,17 @@
 //! request arrived; a request is never split, and one that would overflow a batch waits for the
 //! next. Each image's logits depend only on that image, so an answer never depends on what it
 //! was batched with.
+//!
+//! Memory is bounded by images, not only requests: beyond `max_queued_images` waiting images a
+//! request gets 503 at once. A request whose client has gone (timeout, disconnect) is dropped
+//! from the queue unrun, so abandoned work neither holds memory nor delays live requests.
 
 use super::error::ApiError;
 use super::metrics::Metrics;
 use crate::onnx::OnnxModel;
 use crate::preprocess::batch_from_unit;
 use candle_core::Device;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +29,8 @@ pub struct BatcherConfig {
     pub max_delay: Duration,
     /// Requests that may wait; beyond that new ones get 503 with Retry-After.
     pub queue_capacity: usize,
+    /// Most images waiting at once (all queued requests together).
+    pub max_queued_images: usize,
 }
 
 struct Job {
@@ -38,6 +44,8 @@ struct Job {
 pub struct Batcher {
     tx: SyncSender<Job>,
     metrics: Arc<Metrics>,
+    queued_images: Arc<AtomicUsize>,
+    max_queued_images: usize,
 }
 
 impl Batcher {
@@ -45,27 +53,51 @@ impl Batcher {
     pub fn start(model: Arc<OnnxModel>, cfg: BatcherConfig, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_capacity.max(1));
         let m = Arc::clone(&metrics);
+        let queued_images = Arc::new(AtomicUsize::new(0));
+        let q = Arc::clone(&queued_images);
         std::thread::Builder::new()
             .name("fmnist-batcher".into())
-            .spawn(move || worker(model, cfg, rx, m))
+            .spawn(move || worker(model, cfg, rx, m, q))
             .expect("spawning the batcher thread");
-        Self { tx, metrics }
+        Self {
+            tx,
+            metrics,
+            queued_images,
+            max_queued_images: cfg.max_queued_images.max(1),
+        }
     }
 
     /// Queues `n` images (0–1 values, 784 each) and waits for their `n * 10` logits.
+    /// True while the image budget is used up: a new request would be refused anyway, so the
+    /// router answers 503 before reading and decoding its body.
+    pub fn is_saturated(&self) -> bool {
+        self.queued_images.load(Ordering::SeqCst) >= self.max_queued_images
+    }
+
     pub async fn infer(&self, pixels: Vec<f32>, n: usize) -> Result<Vec<f32>, ApiError> {
         let (reply, rx) = oneshot::channel();
+        // Reserve room for the images first; a request bigger than the whole budget still
+        // runs when nothing else waits.
+        let before = self.queued_images.fetch_add(n, Ordering::SeqCst);
+        if before > 0 && before + n > self.max_queued_images {
+            self.queued_images.fetch_sub(n, Ordering::SeqCst);
+            return Err(ApiError::QueueFull {
+                retry_after_secs: 1,
+            });
+        }
         self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(Job { pixels, n, reply }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                self.queued_images.fetch_sub(n, Ordering::SeqCst);
                 return Err(ApiError::QueueFull {
                     retry_after_secs: 1,
                 });
             }
             Err(TrySendError::Disconnected(_)) => {
                 self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                self.queued_images.fetch_sub(n, Ordering::SeqCst);
                 return Err(ApiError::ShuttingDown);
             }
         }
@@ -80,13 +112,28 @@ fn worker(
     cfg: BatcherConfig,
     rx: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
+    queued_images: Arc<AtomicUsize>,
 ) {
+    // A job leaves the queue: its images no longer count; one whose client is gone is dropped.
+    let dequeue = |job: Job| -> Option<Job> {
+        queued_images.fetch_sub(job.n, Ordering::SeqCst);
+        if job.reply.is_closed() {
+            metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            metrics.abandoned.fetch_add(1, Ordering::Relaxed);
+            None
+        } else {
+            Some(job)
+        }
+    };
     let mut carried: Option<Job> = None;
     loop {
         let first = match carried.take() {
             Some(j) => j,
             None => match rx.recv() {
-                Ok(j) => j,
+                Ok(j) => match dequeue(j) {
+                    Some(j) => j,
+                    None => continue,
+                },
                 Err(_) => return,
             },
         };
@@ -99,6 +146,13 @@ fn worker(
                 rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
             } else {
                 rx.recv_timeout(wait)
+            };
+            let next = match next {
+                Ok(j) => match dequeue(j) {
+                    Some(j) => Ok(j),
+                    None => continue,
+                },
+                Err(e) => Err(e),
             };
             match next {
                 Ok(j) if total + j.n > cfg.max_batch => {

@@ -76,6 +76,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FMNIST_QUEUE_CAPACITY", default_value_t = 1024)]
     pub queue_capacity: usize,
 
+    /// Most images waiting for the model, all queued requests together; beyond it, 503 with
+    /// Retry-After. Bounds the memory held by queued requests (~3 KB per image).
+    #[arg(long, env = "FMNIST_MAX_QUEUED_IMAGES", default_value_t = 2048)]
+    pub max_queued_images: usize,
+
     /// Most open client connections; further ones are closed at once.
     #[arg(long, env = "FMNIST_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,

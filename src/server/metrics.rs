@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// A cumulative histogram with fixed upper bounds.
@@ -73,6 +73,8 @@ pub struct Metrics {
     inner: Mutex<Inner>,
     /// Requests waiting for the batcher (a gauge).
     pub queue_depth: AtomicUsize,
+    /// Queued requests dropped unrun because their client had gone.
+    pub abandoned: AtomicU64,
 }
 
 impl Metrics {
@@ -136,6 +138,15 @@ impl Metrics {
             out,
             "fmnist_queue_depth {}",
             self.queue_depth.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP fmnist_abandoned_requests_total Queued requests dropped unrun because their client had gone.\n",
+        );
+        out.push_str("# TYPE fmnist_abandoned_requests_total counter\n");
+        let _ = writeln!(
+            out,
+            "fmnist_abandoned_requests_total {}",
+            self.abandoned.load(Ordering::Relaxed)
         );
         out
     }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod error;
+pub mod json;
 pub mod metrics;
 pub mod openapi;
 pub mod probe;
@@ -83,6 +84,7 @@ impl AppState {
                 max_batch: config.max_batch_size.max(1),
                 max_delay: Duration::from_micros(config.max_queue_delay_us),
                 queue_capacity: config.queue_capacity,
+                max_queued_images: config.max_queued_images,
             },
             Arc::clone(&metrics),
         );

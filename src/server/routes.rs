@@ -220,6 +220,7 @@ async fn dispatch(
         }
         Route::OpenApi => Ok(json_response(StatusCode::OK, &state.openapi)),
         Route::Predict => {
+            refuse_when_saturated(state)?;
             let body = read_json(req, state.config.max_body_bytes).await?;
             let parsed = api::parse_predict(&api::parse_json(&body)?, state.config.max_images)?;
             let logits = state.batcher.infer(parsed.pixels, parsed.n).await?;
@@ -233,6 +234,7 @@ async fn dispatch(
         }
         Route::Infer(name) => {
             model_known(&name)?;
+            refuse_when_saturated(state)?;
             let body = read_json(req, state.config.max_body_bytes).await?;
             let parsed = api::parse_infer(&api::parse_json(&body)?, state.config.max_images)?;
             let logits = state.batcher.infer(parsed.pixels.clone(), parsed.n).await?;
@@ -242,6 +244,15 @@ async fn dispatch(
             ))
         }
     }
+}
+
+fn refuse_when_saturated(state: &AppState) -> Result<(), ApiError> {
+    if state.batcher.is_saturated() {
+        return Err(ApiError::QueueFull {
+            retry_after_secs: 1,
+        });
+    }
+    Ok(())
 }
 
 /// Checks the content type, refuses bodies over `limit` before reading them when the size is

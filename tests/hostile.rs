@@ -1,0 +1,343 @@
+//! Hostile and broken requests, table-driven: each gets its specific 4xx (with a JSON message
+//! wherever fmnist's code answers; hyper itself answers malformed HTTP) and the server stays
+//! healthy. `cargo test --release --test hostile -- --nocapture` prints the table that
+//! RELIABILITY.md records.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+struct Case {
+    name: &'static str,
+    request: Vec<u8>,
+    status: u16,
+    /// Text the JSON `error` must contain; `None` when hyper answers (no JSON body).
+    message: Option<&'static str>,
+}
+
+fn post(path: &str, ctype: Option<&str>, body: &str) -> Vec<u8> {
+    request("POST", path, Some(&basic(USER, PASSWORD)), ctype, body)
+}
+
+fn predict(body: &str) -> Vec<u8> {
+    post("/predict", Some("application/json"), body)
+}
+
+fn infer(body: &str) -> Vec<u8> {
+    post(
+        "/v2/models/fmnist-cnn/infer",
+        Some("application/json"),
+        body,
+    )
+}
+
+fn pixels(n: usize, v: &str) -> String {
+    vec![v; n].join(",")
+}
+
+fn with_auth(auth: &[u8]) -> Vec<u8> {
+    let body = format!("{{\"image\":[{}]}}", pixels(784, "0"));
+    let mut r =
+        b"POST /predict HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: ".to_vec();
+    r.extend_from_slice(auth);
+    r.extend_from_slice(
+        format!(
+            "\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    r
+}
+
+fn chunked(total: usize) -> Vec<u8> {
+    let mut r = format!(
+        "POST /predict HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        basic(USER, PASSWORD)
+    )
+    .into_bytes();
+    let chunk = vec![b' '; 64 * 1024];
+    let mut sent = 0;
+    while sent < total {
+        r.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        r.extend_from_slice(&chunk);
+        r.extend_from_slice(b"\r\n");
+        sent += chunk.len();
+    }
+    r.extend_from_slice(b"0\r\n\r\n");
+    r
+}
+
+fn cases() -> Vec<Case> {
+    let ok_image = format!("[{}]", pixels(784, "0"));
+    let mut header_flood = String::from("GET /v2/health/live HTTP/1.1\r\nHost: t\r\n");
+    for i in 0..300 {
+        header_flood.push_str(&format!("X-Flood-{i}: {i}\r\n"));
+    }
+    header_flood.push_str("Connection: close\r\n\r\n");
+    // A 10 MB body is announced; the server answers 413 from Content-Length without reading
+    // it, so only its first 64 KB are sent.
+    let mut ten_mb = predict(&format!("{{\"image\":[{}]}}", " ".repeat(10 * 1024 * 1024)));
+    ten_mb.truncate(ten_mb.len() - (10 * 1024 * 1024 - 64 * 1024));
+    let deep = format!(
+        "{{\"image\":{}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let batch = format!(
+        "{{\"images\":[{}]}}",
+        vec![ok_image.as_str(); 257].join(",")
+    );
+    let infer_body = |shape: &str, datatype: &str, data: &str| {
+        format!(
+            "{{\"inputs\":[{{\"name\":\"pixels\",\"shape\":{shape},\"datatype\":\"{datatype}\",\"data\":{data}}}]}}"
+        )
+    };
+    let unit = format!("[{}]", pixels(784, "0.5"));
+    let c = |name, request, status, message| Case {
+        name,
+        request,
+        status,
+        message,
+    };
+    vec![
+        c("truncated JSON", predict("{\"image\": [1, 2"), 400, Some("malformed JSON")),
+        c("empty body", predict(""), 400, Some("malformed JSON")),
+        c("not JSON at all", predict("hello"), 400, Some("malformed JSON")),
+        c("invalid UTF-8 in the body", not_utf8(), 400, Some("malformed JSON")),
+        c("10 MB body", ten_mb, 413, Some("larger than the limit")),
+        c("chunked body over the limit", chunked(5 * 1024 * 1024), 413, Some("larger than the limit")),
+        c("deeply nested JSON", predict(&deep), 400, Some("recursion limit")),
+        c("duplicate keys", predict(&format!("{{\"image\":{ok_image},\"image\":{ok_image}}}")), 400, Some("duplicate key")),
+        c("body is an array", predict("[]"), 422, Some("JSON object")),
+        c("image is a string", predict("{\"image\": \"pixels\"}"), 422, Some("must be an array")),
+        c("image is an object", predict("{\"image\": {\"a\": 1}}"), 422, Some("must be an array")),
+        c("image is null", predict("{\"image\": null}"), 422, Some("must be an array")),
+        c("783 values", predict(&format!("{{\"image\":[{}]}}", pixels(783, "0"))), 422, Some("783 values")),
+        c("785 values", predict(&format!("{{\"image\":[{}]}}", pixels(785, "0"))), 422, Some("785 values")),
+        c("NaN", predict(&format!("{{\"image\":[NaN,{}]}}", pixels(783, "0"))), 400, Some("malformed JSON")),
+        c("Infinity", predict(&format!("{{\"image\":[Infinity,{}]}}", pixels(783, "0"))), 400, Some("malformed JSON")),
+        c("1e309", predict(&format!("{{\"image\":[1e309,{}]}}", pixels(783, "0"))), 400, Some("out of range")),
+        c("-1", predict(&format!("{{\"image\":[{},-1]}}", pixels(783, "0"))), 422, Some("image[783] is -1")),
+        c("256", predict(&format!("{{\"image\":[256,{}]}}", pixels(783, "0"))), 422, Some("image[0] is 256")),
+        c("a string among the pixels", predict(&format!("{{\"image\":[{},\"7\"]}}", pixels(783, "0"))), 422, Some("image[783] is \"7\", not a number")),
+        c("null among the pixels", predict(&format!("{{\"image\":[null,{}]}}", pixels(783, "0"))), 422, Some("image[0] is null")),
+        c("images is empty", predict("{\"images\": []}"), 422, Some("empty")),
+        c("images of numbers", predict("{\"images\": [1, 2]}"), 422, Some("images[0] must be an array")),
+        c("257 images (limit 256)", predict(&batch), 422, Some("at most 256")),
+        c("image and images", predict(&format!("{{\"image\":{ok_image},\"images\":[{ok_image}]}}")), 422, Some("not both")),
+        c("neither image nor images", predict("{\"picture\": []}"), 422, Some("needs \"image\"")),
+        c("wrong content type", post("/predict", Some("text/plain"), "{}"), 415, Some("application/json")),
+        c("no content type", post("/predict", None, "{}"), 415, Some("no Content-Type")),
+        c("Authorization without a colon", with_auth(b"Basic dGVzdGVy"), 401, Some("authentication required")),
+        c("Authorization with bad base64", with_auth(b"Basic %%%not-base64%%%"), 401, Some("authentication required")),
+        c("Authorization with an empty user", with_auth(basic("", "pw").as_bytes()), 401, Some("authentication required")),
+        c("Authorization not UTF-8", with_auth(&[b'B', b'a', b's', b'i', b'c', b' ', 0xff, 0xfe, 0x80]), 401, Some("authentication required")),
+        c("Authorization scheme Bearer", with_auth(b"Bearer abc.def.ghi"), 401, Some("authentication required")),
+        c("Authorization empty", with_auth(b""), 401, Some("authentication required")),
+        c("unknown method", request("BREW", "/predict", None, None, ""), 405, Some("not allowed")),
+        c("DELETE on a GET route", request("DELETE", "/v2/health/live", None, None, ""), 405, Some("not allowed")),
+        c("path traversal in the route", request("GET", "/v2/models/../../etc/passwd", None, None, ""), 404, Some("no route")),
+        c("path traversal in a model name", post("/v2/models/..%2F..%2Fetc%2Fpasswd/infer", Some("application/json"), "{}"), 404, Some("unknown model")),
+        c("1,000-character model name", request("GET", &format!("/v2/models/{}/ready", "a".repeat(1000)), None, None, ""), 404, Some("unknown model")),
+        c("v2 datatype INT8", infer(&infer_body("[1,784]", "INT8", &unit)), 422, Some("FP32")),
+        c("v2 negative shape", infer(&infer_body("[-1,784]", "FP32", &unit)), 422, Some("non-negative integers")),
+        c("v2 huge batch in shape", infer(&infer_body("[100000,784]", "FP32", &unit)), 422, Some("batch size")),
+        c("v2 value above 1", infer(&infer_body("[1,784]", "FP32", &format!("[2,{}]", pixels(783, "0")))), 422, Some("within 0–1")),
+        c("v2 data shorter than shape", infer(&infer_body("[2,784]", "FP32", &unit)), 422, Some("needs 1568")),
+        c("v2 unknown output", infer(&format!("{{\"inputs\":[{{\"name\":\"pixels\",\"shape\":[1,784],\"datatype\":\"FP32\",\"data\":{unit}}}],\"outputs\":[{{\"name\":\"secrets\"}}]}}")), 422, Some("unknown output")),
+        c("header flood (300 headers)", header_flood.into_bytes(), 431, None),
+        c("garbage request line", b"GARBAGE\r\n\r\n".to_vec(), 400, None),
+        c("non-numeric Content-Length", b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n".to_vec(), 400, None),
+    ]
+}
+
+/// A body whose string holds bytes that are not UTF-8.
+fn not_utf8() -> Vec<u8> {
+    let mut r = predict("{\"image\": \"@@\"}");
+    let at = r.windows(2).position(|w| w == b"@@").unwrap();
+    r[at] = 0xff;
+    r[at + 1] = 0xfe;
+    r
+}
+
+#[test]
+fn hostile_requests_get_their_4xx_and_leave_the_server_healthy() {
+    let s = Server::start(&["--auth-max-failures", "1000"]);
+    let cases = cases();
+    assert!(cases.len() >= 30);
+    let mut failures = Vec::new();
+    println!("| # | request | status | error |");
+    println!("|---|---|---|---|");
+    for (i, case) in cases.iter().enumerate() {
+        let r = raw(&s.addr, &case.request);
+        let error = if r.status >= 400 && case.message.is_some() {
+            serde_json::from_str::<serde_json::Value>(&r.body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+        } else {
+            None
+        };
+        let shown = error
+            .clone()
+            .unwrap_or_else(|| "(answered by hyper, no body)".into());
+        let shown: String = shown.chars().take(90).collect();
+        println!("| {} | {} | {} | {} |", i + 1, case.name, r.status, shown);
+        if r.status != case.status {
+            failures.push(format!(
+                "{}: status {} (wanted {}): {}",
+                case.name, r.status, case.status, r.body
+            ));
+            continue;
+        }
+        if let Some(want) = case.message {
+            match &error {
+                Some(e) if e.contains(want) => {}
+                _ => failures.push(format!("{}: body {:?} lacks {want:?}", case.name, r.body)),
+            }
+            if r.header("content-type").as_deref() != Some("application/json") {
+                failures.push(format!("{}: not application/json", case.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Still healthy: ready, and a real prediction is right.
+    assert_eq!(get(&s, "/v2/health/ready", false).status, 200);
+    let (images, labels) = fixture();
+    let r = post_to(
+        &s.addr,
+        "/predict",
+        &format!("{{\"image\":{:?}}}", images[2]),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["label"], labels[2] as u64);
+}
+
+#[test]
+fn idle_and_slow_connections_do_not_stop_the_server_answering_others() {
+    let s = Server::start(&["--header-read-timeout-ms", "2000"]);
+    // 200 idle connections plus 20 that send one header byte every 100 ms.
+    let idle: Vec<_> = (0..200)
+        .map(|_| std::net::TcpStream::connect(&s.addr).unwrap())
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dribblers: Vec<_> = (0..20)
+        .map(|_| {
+            let addr = s.addr.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                for b in b"GET /v2/health/live HTTP/1.1\r\nHost: slow\r\n" {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed)
+                        || c.write_all(&[*b]).is_err()
+                    {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (images, _) = fixture();
+    let body = format!("{{\"image\":{:?}}}", images[0]);
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let r = post_to(&s.addr, "/predict", &body);
+        assert_eq!(r.status, 200);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // The slow senders are cut off by the header timeout; their sockets get closed.
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut cut = 0;
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        if matches!(c.read(&mut buf), Ok(0)) {
+            cut += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for d in dribblers {
+        d.join().unwrap();
+    }
+    assert_eq!(
+        cut, 200,
+        "idle connections should be closed by the header timeout"
+    );
+    assert_eq!(get(&s, "/v2/health/ready", false).status, 200);
+}
+
+fn metric(s: &Server, name: &str) -> f64 {
+    get(s, "/metrics", false)
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+#[test]
+fn overload_is_shed_by_the_image_budget_and_abandoned_requests_are_not_run() {
+    let (images, _) = fixture();
+    let batch: Vec<&[u8]> = images.iter().take(256).map(|i| i.as_slice()).collect();
+    let body = format!("{{\"images\":{batch:?}}}");
+    // Budget 512 images: of 12 concurrent 256-image requests, some must be refused at once.
+    let s = Server::start(&["--max-queued-images", "512", "--max-queue-delay-us", "0"]);
+    let handles: Vec<_> = (0..12)
+        .map(|_| {
+            let (addr, body) = (s.addr.clone(), body.clone());
+            std::thread::spawn(move || post_to(&addr, "/predict", &body))
+        })
+        .collect();
+    let statuses: Vec<u16> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().status)
+        .collect();
+    assert!(
+        statuses.contains(&503) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|&c| c == 200 || c == 503),
+        "{statuses:?}"
+    );
+    drop(s);
+
+    // Clients that hang up while queued: their requests are dropped, not run.
+    let s = Server::start(&["--max-queue-delay-us", "0"]);
+    let request = request(
+        "POST",
+        "/predict",
+        Some(&basic(USER, PASSWORD)),
+        Some("application/json"),
+        &body,
+    );
+    let mut gone = Vec::new();
+    for _ in 0..16 {
+        let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
+        c.write_all(&request).unwrap();
+        gone.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    drop(gone);
+    std::thread::sleep(Duration::from_millis(3000));
+    let abandoned = metric(&s, "fmnist_abandoned_requests_total");
+    assert!(abandoned >= 1.0, "no abandoned request was dropped");
+    assert_eq!(metric(&s, "fmnist_queue_depth"), 0.0);
+    // And the server still answers normally.
+    let r = post_to(
+        &s.addr,
+        "/predict",
+        &format!("{{\"image\":{:?}}}", images[0]),
+    );
+    assert_eq!(r.status, 200);
+}
