@@ -554,6 +554,25 @@ fn refuses_to_start_without_credentials_or_with_a_bad_model() {
         &[("FMNIST_BASIC_AUTH", "a:b")],
     );
     assert!(!out.status.success(), "truncated model accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("truncated.onnx"), "{err}");
+
+    // A valid ONNX file whose graph uses an operator candle-onnx cannot run.
+    use prost::Message;
+    let mut proto = candle_onnx::onnx::ModelProto::decode(bytes.as_slice()).unwrap();
+    proto.graph.as_mut().unwrap().node[0].op_type = "Einsum".into();
+    let unsupported = dir.path().join("einsum.onnx");
+    std::fs::write(&unsupported, proto.encode_to_vec()).unwrap();
+    let out = run(
+        &["--model", unsupported.to_str().unwrap()],
+        &[("FMNIST_BASIC_AUTH", "a:b")],
+    );
+    assert!(!out.status.success(), "unsupported operator accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("einsum.onnx") && err.contains("Einsum"),
+        "{err}"
+    );
 
     let creds = dir.path().join("creds");
     std::fs::write(&creds, "alice:plaintext-password\n").unwrap();

@@ -64,6 +64,14 @@ pub fn parse_predict(body: &Json, max_images: usize) -> Result<PredictRequest, A
             "body must be a JSON object with \"image\" or \"images\"".into(),
         ));
     }
+    if let Json::Obj(entries) = body {
+        if let Some((key, _)) = entries.iter().find(|(k, _)| k != "image" && k != "images") {
+            let shown: String = key.chars().take(40).collect();
+            return Err(ApiError::Unprocessable(format!(
+                "unknown field {shown:?}; the body has \"image\" or \"images\""
+            )));
+        }
+    }
     match (body.get("image"), body.get("images")) {
         (Some(_), Some(_)) => Err(ApiError::Unprocessable(
             "give either \"image\" or \"images\", not both".into(),

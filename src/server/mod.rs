@@ -5,6 +5,8 @@ pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod json;
 pub mod metrics;
 pub mod openapi;

@@ -89,10 +89,12 @@ pub fn document(model_name: &str, max_images: usize) -> Value {
                     "type": "object", "required": ["name", "shape", "datatype", "data"],
                     "properties": {
                         "name": { "type": "string" },
-                        "shape": { "type": "array", "items": { "type": "integer", "minimum": 0 },
-                                   "description": "[N,784] or [N,1,28,28]" },
+                        "shape": { "type": "array", "minItems": 2, "maxItems": 4,
+                                   "items": { "type": "integer", "minimum": 1 },
+                                   "description": "[N,784] or [N,1,28,28], N at most the server's --max-images" },
                         "datatype": { "type": "string", "enum": ["FP32"] },
-                        "data": { "type": "array", "description": "Row-major values within 0–1, flat or nested." }
+                        "data": { "type": "array", "minItems": 1,
+                                  "description": "Row-major values within 0–1, flat or nested; as many as the shape says." }
                     } } },
                 "outputs": { "type": "array", "items": { "type": "object", "required": ["name"],
                     "properties": { "name": { "type": "string", "enum": ["logits", "probabilities"] } } } }
