@@ -194,6 +194,9 @@ CONTAINER_RUN_FLAGS ?=
 BUILD_FORMAT = $(if $(findstring podman,$(CONTAINER)),--format docker,)
 
 image: deps
+	$(call need_pkg,musl-tools,command -v musl-gcc)
+	@command -v $(firstword $(CONTAINER)) >/dev/null || \
+	  { echo "no container engine: install podman (apt-get install podman runc) or docker"; exit 1; }
 	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL)
 	$(CARGO) build --release --target $(MUSL) -p fmnist --bin fmnist-serve
 	@mkdir -p target/image
