@@ -90,6 +90,32 @@ fn https_with_a_certificate_generated_in_the_test() {
     );
     assert_eq!(r.status, 200);
     assert!(!s.logs().contains("listening beyond loopback"));
+    // The container HEALTHCHECK (`fmnist-serve healthcheck`) follows the server to HTTPS
+    // through the same FMNIST_TLS_CERT, and trusts only that certificate.
+    let healthcheck = |cert: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fmnist-serve"));
+        c.arg("healthcheck").env("FMNIST_LISTEN", &s.addr);
+        match cert {
+            Some(p) => c.env("FMNIST_TLS_CERT", p),
+            None => c.env_remove("FMNIST_TLS_CERT"),
+        };
+        c.output().unwrap()
+    };
+    let out = healthcheck(Some(&cert));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !healthcheck(None).status.success(),
+        "plain HTTP probe of an HTTPS server passed"
+    );
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let other_cert = dir.path().join("other.pem");
+    std::fs::write(&other_cert, other.cert.pem()).unwrap();
+    let out = healthcheck(Some(&other_cert));
+    assert!(!out.status.success(), "a different certificate was trusted");
 
     // Half a configuration is refused by the flag parser; a bad key is named.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmnist-serve"))

@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 #[command(
     name = "fmnist-serve",
     version,
+    // The subcommands (hash-password, healthcheck) ignore the server's own settings, so an
+    // environment set up for the server (FMNIST_TLS_CERT without its key, say) does not
+    // stop them.
+    args_conflicts_with_subcommands = true,
     about = "Serve a Fashion-MNIST ONNX model over HTTP (POST /predict and the Open Inference Protocol v2).",
     long_about = "Serve a Fashion-MNIST ONNX model over HTTP.\n\n\
         Routes: POST /predict, the Open Inference Protocol (KServe v2) under /v2, GET /metrics \
@@ -50,6 +54,10 @@ enum Command {
         /// Deadline for connecting and for each read and write, in milliseconds.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// The server's HTTPS certificate: when set (as it is for a server started with
+        /// --tls-cert), the probe speaks TLS and trusts exactly this certificate.
+        #[arg(long, env = "FMNIST_TLS_CERT")]
+        tls_cert: Option<std::path::PathBuf>,
     },
 }
 
@@ -101,9 +109,14 @@ fn run() -> Result<()> {
             address,
             path,
             timeout_ms,
+            tls_cert,
         }) => {
             let addr = probe::dial_address(*address);
-            let status = probe::probe(addr, path, Duration::from_millis(*timeout_ms))?;
+            let timeout = Duration::from_millis(*timeout_ms);
+            let status = match tls_cert {
+                Some(cert) => probe::probe_tls(addr, path, timeout, cert)?,
+                None => probe::probe(addr, path, timeout)?,
+            };
             println!("{addr}{path}: {status}");
             return Ok(());
         }

@@ -3,10 +3,17 @@
 //! The container image is `FROM scratch`: there is no shell, curl or wget for a
 //! `HEALTHCHECK`. `fmnist-serve healthcheck` runs this instead: one plain HTTP/1.1
 //! `GET /v2/health/ready` over a blocking socket with a deadline, success only on `200`.
+//! For a server running HTTPS, the probe speaks TLS and trusts exactly the certificate the
+//! server was given (`FMNIST_TLS_CERT`), whatever names it carries: it talks to itself.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A blocking byte stream (plain TCP or TLS over it).
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 /// Why the probe failed; the message is what the container runtime shows.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +28,8 @@ pub enum ProbeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("TLS certificate {path}: {message}")]
+    Cert { path: String, message: String },
     #[error("{addr} answered {status_line:?} to GET {path}, not 200")]
     NotReady {
         addr: SocketAddr,
@@ -43,12 +52,120 @@ pub fn dial_address(listen: SocketAddr) -> SocketAddr {
 /// GETs `path` on `addr` and succeeds only when the status is 200; every step (connect,
 /// write, read) is bounded by `timeout`. Returns the status line.
 pub fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, ProbeError> {
+    let mut stream = connect(addr, timeout)?;
+    exchange(&mut stream, addr, path)
+}
+
+/// [`probe`] over TLS, trusting only the leaf certificate in the PEM file `cert`.
+pub fn probe_tls(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    cert: &std::path::Path,
+) -> Result<String, ProbeError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
+    let cert_err = |message: String| ProbeError::Cert {
+        path: cert.display().to_string(),
+        message,
+    };
+    let leaf = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| cert_err(e.to_string()))?
+        .next()
+        .ok_or_else(|| cert_err("no PEM certificate found".into()))?
+        .map_err(|e| cert_err(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(PinnedCert {
+        leaf: leaf.into_owned(),
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| cert_err(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let name = ServerName::IpAddress(addr.ip().into());
+    let conn = ClientConnection::new(Arc::new(config), name).map_err(|e| ProbeError::Io {
+        addr,
+        source: std::io::Error::other(e),
+    })?;
+    let mut stream = StreamOwned::new(conn, connect(addr, timeout)?);
+    exchange(&mut stream, addr, path)
+}
+
+/// Accepts exactly one certificate (the server's own), with real signature checks.
+#[derive(Debug)]
+struct PinnedCert {
+    leaf: tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+    algorithms: tokio_rustls::rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl tokio_rustls::rustls::client::danger::ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[tokio_rustls::rustls::pki_types::CertificateDer<'_>],
+        _server_name: &tokio_rustls::rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: tokio_rustls::rustls::pki_types::UnixTime,
+    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
+    {
+        if end_entity.as_ref() == self.leaf.as_ref() {
+            Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(tokio_rustls::rustls::Error::General(
+                "the server's certificate is not the one in FMNIST_TLS_CERT".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProbeError> {
     let stream = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| ProbeError::Connect { addr, source })?;
     let io = |source| ProbeError::Io { addr, source };
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut stream = stream;
+    Ok(stream)
+}
+
+/// Sends the GET and reads the status line.
+fn exchange(
+    stream: &mut impl ReadWrite,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<String, ProbeError> {
+    let io = |source| ProbeError::Io { addr, source };
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).map_err(io)?;
     // Only the status line matters; read until the first line ends (or the peer closes).
