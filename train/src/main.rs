@@ -111,7 +111,8 @@ struct TrainArgs {
     #[arg(long, value_enum, default_value_t = transfer::HeadMode::Last)]
     head: transfer::HeadMode,
     /// vgg16: side the 28×28 images are resized to (bilinear, as PyTorch). 224 is VGG16's
-    /// native size and costs ~12× more per image than 64; 32 is the smallest possible.
+    /// native size and costs ~10× more per image than 64 (BENCHMARKS.md); 32 is the smallest
+    /// possible.
     #[arg(long, default_value_t = 224)]
     input_size: usize,
     /// vgg16 with --head mlp: hidden width of the MLP.
