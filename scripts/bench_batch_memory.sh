@@ -14,13 +14,7 @@ rows = [l.strip().split(",") for l in open("fixtures/sample.csv").readlines()[1:
 body = {"images": [[int(x) for x in r[1:]] for r in rows]}
 open(sys.argv[1], "w").write(json.dumps(body, separators=(",", ":")))
 PY
-auth=$(printf 'bench:%s' "$server_pass" | base64 -w0)
-cat >"$dir/post.lua" <<LUA
-wrk.method = "POST"
-local f = io.open("$dir/body.json"); wrk.body = f:read("*a"); f:close()
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Basic $auth"
-LUA
+wrk_post_lua "$dir/body.json" bench "$dir/post.lua"
 echo "== POST /predict, 256 images per request, 64 connections, 15 s"
 wrk -t2 -c64 -d15s --latency -s "$dir/post.lua" "http://$addr/predict" | grep -E "Requests/sec|  50%|  99%|Non-2xx|Socket errors" || true
 awk '/^VmRSS|^VmHWM/ {printf "%s %s kB  ", $1, $2} END {print ""}' "/proc/$server_pid/status"

@@ -8,19 +8,13 @@ source "$(dirname "$0")/server.sh"
 dir=$(mktemp -d)
 trap 'stop_server; rm -rf "$dir"' EXIT
 start_server "$bin" "$model" "$addr" bench "$dir"
-pass=$server_pass
 
 # The request body: the first fixture image.
-body=$(sed -n 2p fixtures/sample.csv | cut -d, -f2- | sed 's/^/{"image":[/; s/$/]}/')
-auth=$(printf 'bench:%s' "$pass" | base64 -w0)
-cat >"$dir/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$body'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Basic $auth"
-LUA
+single_image_body "$dir/body.json"
+wrk_post_lua "$dir/body.json" bench "$dir/post.lua"
 # The answer must be a real prediction before anything is measured.
-curl -fs -u "bench:$pass" -H 'Content-Type: application/json' -d "$body" "http://$addr/predict" | grep -q '"class"'
+curl -fs -u "bench:$server_pass" -H 'Content-Type: application/json' -d @"$dir/body.json" \
+  "http://$addr/predict" | grep -q '"class"'
 
 run() { # connections duration (wrk needs at least as many connections as threads)
   local threads=2

@@ -1,4 +1,5 @@
-# Sourced by the scripts that drive a live fmnist-serve (bench_serve.sh, postman.sh).
+# Sourced by the scripts that drive a live fmnist-serve (bench_serve.sh, bench_batch_memory.sh,
+# postman.sh, schemathesis.sh, soak.sh).
 #
 # start_server BIN MODEL ADDR USER DIR: starts fmnist-serve in the background with per-run
 # credentials (USER and a random password, left in $server_pass), logs in DIR, pid in
@@ -26,4 +27,22 @@ stop_server() {
   [ -n "$server_pid" ] || return 0
   kill "$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true
+}
+
+# single_image_body FILE: {"image":[...]} for the first fixture image (an ankle boot).
+single_image_body() {
+  sed -n 2p fixtures/sample.csv | cut -d, -f2- | sed 's/^/{"image":[/; s/$/]}/' >"$1"
+}
+
+# wrk_post_lua BODY_FILE USER OUT: a wrk script that POSTs BODY_FILE to the server as JSON
+# with Basic auth for USER and the per-run $server_pass.
+wrk_post_lua() {
+  local auth
+  auth=$(printf '%s:%s' "$2" "$server_pass" | base64 -w0)
+  cat >"$3" <<LUA
+wrk.method = "POST"
+local f = io.open("$1"); wrk.body = f:read("*a"); f:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Basic $auth"
+LUA
 }

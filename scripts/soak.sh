@@ -11,14 +11,8 @@ source "$(dirname "$0")/server.sh"
 dir=$(mktemp -d)
 trap 'stop_server; rm -rf "$dir"' EXIT
 start_server "$bin" "$model" "$addr" soak "$dir"
-body=$(sed -n 2p fixtures/sample.csv | cut -d, -f2- | sed 's/^/{"image":[/; s/$/]}/')
-auth=$(printf 'soak:%s' "$server_pass" | base64 -w0)
-cat >"$dir/post.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$body'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Basic $auth"
-LUA
+single_image_body "$dir/body.json"
+wrk_post_lua "$dir/body.json" soak "$dir/post.lua"
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$server_pid/status"; }
 wrk -t2 -c32 -d"${SOAK_WARMUP:-30s}" -s "$dir/post.lua" "http://$addr/predict" >/dev/null
 echo "soak: $duration at 32 connections"

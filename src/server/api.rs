@@ -25,17 +25,20 @@ fn push_pixels(v: &Json, at: &str, out: &mut Vec<f32>) -> Result<(), ApiError> {
             "{at} has {len} values; expected {IMAGE_PIXELS} (28x28 pixels, row-major)"
         )));
     }
-    let Json::Nums(values) = v else {
+    let values = match v {
+        Json::Nums(values) => values,
         // A mixed array: name its first item that is not a number.
-        let items = v.items().unwrap_or_default();
-        let (i, p) = items
-            .iter()
-            .enumerate()
-            .find(|(_, p)| !matches!(p, Json::Num(_)))
-            .expect("a mixed array has a non-number");
-        return Err(ApiError::Unprocessable(format!(
-            "{at}[{i}] is {p}, not a number"
-        )));
+        Json::Arr(items) => {
+            let (i, p) = items
+                .iter()
+                .enumerate()
+                .find(|(_, p)| !matches!(p, Json::Num(_)))
+                .expect("an array that is not all numbers has a non-number");
+            return Err(ApiError::Unprocessable(format!(
+                "{at}[{i}] is {p}, not a number"
+            )));
+        }
+        _ => unreachable!("array_len was Some"),
     };
     for (i, &x) in values.iter().enumerate() {
         if !(0.0..=255.0).contains(&x) {
@@ -97,12 +100,16 @@ pub fn parse_predict(body: &Json, max_images: usize) -> Result<PredictRequest, A
                     "\"images\" has {n} images; at most {max_images} per request"
                 )));
             }
-            let Json::Arr(list) = imgs else {
+            let list = match imgs {
+                Json::Arr(list) => list,
                 // An array of plain numbers: its first item is not an image.
-                let first = imgs.item(0).unwrap_or(Json::Null);
-                return Err(ApiError::Unprocessable(format!(
-                    "images[0] must be an array of {IMAGE_PIXELS} numbers, not {first}"
-                )));
+                Json::Nums(nums) => {
+                    return Err(ApiError::Unprocessable(format!(
+                        "images[0] must be an array of {IMAGE_PIXELS} numbers, not {}",
+                        Json::Num(nums[0])
+                    )))
+                }
+                _ => unreachable!("array_len was Some"),
             };
             let mut pixels = Vec::with_capacity(n * IMAGE_PIXELS);
             for (j, img) in list.iter().enumerate() {
@@ -185,18 +192,19 @@ pub fn parse_infer(body: &Json, max_images: usize) -> Result<InferRequest, ApiEr
     }
     let inputs = body
         .get("inputs")
-        .filter(|i| i.array_len().is_some())
         .ok_or_else(|| bad("\"inputs\" must be an array with one tensor".into()))?;
-    let count = inputs.array_len().unwrap_or(0);
+    let count = inputs
+        .array_len()
+        .ok_or_else(|| bad("\"inputs\" must be an array with one tensor".into()))?;
     if count != 1 {
         return Err(bad(format!(
             "expected exactly one input tensor, got {count}"
         )));
     }
-    let input = inputs.item(0).unwrap_or(Json::Null);
-    if !input.is_object() {
-        return Err(bad("inputs[0] must be an object".into()));
-    }
+    let input = match inputs {
+        Json::Arr(items) if items[0].is_object() => &items[0],
+        _ => return Err(bad("inputs[0] must be an object".into())),
+    };
     let datatype = input.get("datatype").and_then(Json::as_str).unwrap_or("");
     if datatype != "FP32" {
         return Err(bad(format!(
@@ -243,11 +251,14 @@ pub fn parse_infer(body: &Json, max_images: usize) -> Result<InferRequest, ApiEr
     let outputs = match body.get("outputs") {
         None => vec!["logits".to_string()],
         Some(list) => {
-            let items = list
-                .items()
-                .ok_or_else(|| bad("\"outputs\" must be an array".into()))?;
+            let items: &[Json] = match list {
+                Json::Arr(items) => items,
+                Json::Nums(nums) if nums.is_empty() => &[],
+                Json::Nums(_) => return Err(bad("\"outputs\" must hold objects".into())),
+                _ => return Err(bad("\"outputs\" must be an array".into())),
+            };
             let mut names = Vec::new();
-            for o in &items {
+            for o in items {
                 let name = o.get("name").and_then(Json::as_str).unwrap_or("");
                 if name != "logits" && name != "probabilities" {
                     return Err(bad(format!(

@@ -57,24 +57,6 @@ impl Json {
         }
     }
 
-    /// Item `i` of an array (numbers come back as [`Json::Num`]).
-    pub fn item(&self, i: usize) -> Option<Json> {
-        match self {
-            Json::Nums(v) => v.get(i).map(|&x| Json::Num(x)),
-            Json::Arr(v) => v.get(i).cloned(),
-            _ => None,
-        }
-    }
-
-    /// The items of an array, as borrowed values where possible.
-    pub fn items(&self) -> Option<Vec<Json>> {
-        match self {
-            Json::Nums(v) => Some(v.iter().map(|&x| Json::Num(x)).collect()),
-            Json::Arr(v) => Some(v.clone()),
-            _ => None,
-        }
-    }
-
     /// Converts to `serde_json::Value` (for echoing small values such as a request id).
     pub fn to_value(&self) -> serde_json::Value {
         use serde_json::Value;
@@ -198,7 +180,7 @@ mod tests {
         );
         assert_eq!(j.get("c").unwrap().array_len(), Some(0));
         assert_eq!(j.get("d").unwrap().get("e"), Some(&Json::Bool(true)));
-        assert_eq!(j.get("b").unwrap().item(1).unwrap().to_string(), "\"x\"");
+        assert_eq!(Json::Str("x".into()).to_string(), "\"x\"");
     }
 
     #[test]

@@ -10,6 +10,17 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_rustls::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
+use tokio_rustls::rustls::crypto::{
+    verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms,
+};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_rustls::rustls::{
+    self, ClientConfig, ClientConnection, DigitallySignedStruct, StreamOwned,
+};
 
 /// A blocking byte stream (plain TCP or TLS over it).
 trait ReadWrite: Read + Write {}
@@ -63,9 +74,6 @@ pub fn probe_tls(
     timeout: Duration,
     cert: &std::path::Path,
 ) -> Result<String, ProbeError> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
-    use tokio_rustls::rustls::{self, ClientConfig, ClientConnection, StreamOwned};
     let cert_err = |message: String| ProbeError::Cert {
         path: cert.display().to_string(),
         message,
@@ -98,24 +106,23 @@ pub fn probe_tls(
 /// Accepts exactly one certificate (the server's own), with real signature checks.
 #[derive(Debug)]
 struct PinnedCert {
-    leaf: tokio_rustls::rustls::pki_types::CertificateDer<'static>,
-    algorithms: tokio_rustls::rustls::crypto::WebPkiSupportedAlgorithms,
+    leaf: CertificateDer<'static>,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl tokio_rustls::rustls::client::danger::ServerCertVerifier for PinnedCert {
+impl ServerCertVerifier for PinnedCert {
     fn verify_server_cert(
         &self,
-        end_entity: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[tokio_rustls::rustls::pki_types::CertificateDer<'_>],
-        _server_name: &tokio_rustls::rustls::pki_types::ServerName<'_>,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: tokio_rustls::rustls::pki_types::UnixTime,
-    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
-    {
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         if end_entity.as_ref() == self.leaf.as_ref() {
-            Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
+            Ok(ServerCertVerified::assertion())
         } else {
-            Err(tokio_rustls::rustls::Error::General(
+            Err(rustls::Error::General(
                 "the server's certificate is not the one in FMNIST_TLS_CERT".into(),
             ))
         }
@@ -124,28 +131,22 @@ impl tokio_rustls::rustls::client::danger::ServerCertVerifier for PinnedCert {
     fn verify_tls12_signature(
         &self,
         message: &[u8],
-        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
-        dss: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        tokio_rustls::rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
         &self,
         message: &[u8],
-        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
-        dss: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        tokio_rustls::rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
-    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.algorithms.supported_schemes()
     }
 }

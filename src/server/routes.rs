@@ -236,8 +236,10 @@ async fn dispatch(
             model_known(&name)?;
             refuse_when_saturated(state)?;
             let body = read_json(req, state.config.max_body_bytes).await?;
-            let parsed = api::parse_infer(&api::parse_json(&body)?, state.config.max_images)?;
-            let logits = state.batcher.infer(parsed.pixels.clone(), parsed.n).await?;
+            let mut parsed = api::parse_infer(&api::parse_json(&body)?, state.config.max_images)?;
+            // The pixels go to the batcher; the response needs only the rest.
+            let pixels = std::mem::take(&mut parsed.pixels);
+            let logits = state.batcher.infer(pixels, parsed.n).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &api::infer_response(&state.model_name, &parsed, &logits),

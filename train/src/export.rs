@@ -34,33 +34,26 @@ pub fn export(model: &dyn Classifier, out: &Path, metadata: Vec<(String, String)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::data::Dataset;
     use crate::loader;
     use crate::models::cnn::{Cnn, CnnConfig};
     use candle_core::Device;
+    use fmnist::onnx::model::argmax;
     use fmnist::OnnxModel;
 
-    #[test]
-    fn onnx_file_matches_the_candle_model_on_every_fixture_image() {
-        let data = crate::data::load(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/sample.csv"),
-        )
-        .unwrap();
-        let dev = Device::Cpu;
-        let model = Cnn::new(CnnConfig::default(), &mut loader::rng(3, 0), &dev).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("m.onnx");
-        export(&model, &out, vec![("k".into(), "v".into())]).unwrap();
-        assert!(out.with_extension("safetensors").exists());
-
-        let onnx = OnnxModel::load(&out).unwrap();
-        assert_eq!(onnx.metadata_value("k"), Some("v"));
-        assert!(onnx
-            .metadata_value("class_names")
-            .unwrap()
-            .contains("Ankle boot"));
-        let ours = crate::train::predict(&model, &data, 100, &dev)
+    /// The exported file at `out`, run through candle-onnx, gives `model`'s logits (within
+    /// `tol`) and the same class on every image of `data`. Returns the loaded file.
+    pub(crate) fn assert_onnx_matches(
+        model: &dyn Classifier,
+        out: &Path,
+        data: &Dataset,
+        tol: f32,
+    ) -> OnnxModel {
+        let onnx = OnnxModel::load(out).unwrap();
+        assert_eq!(onnx.layout(), model.layout());
+        let ours = crate::train::predict(model, data, 100, &Device::Cpu)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -76,12 +69,28 @@ mod tests {
                 .zip(b)
                 .map(|(x, y)| (x - y).abs())
                 .fold(0f32, f32::max);
-            assert!(diff < 1e-4, "image {i}: logits differ by {diff}");
-            assert_eq!(
-                fmnist::onnx::model::argmax(a),
-                fmnist::onnx::model::argmax(b),
-                "image {i}"
-            );
+            assert!(diff < tol, "image {i}: logits differ by {diff}");
+            assert_eq!(argmax(a), argmax(b), "image {i}: {a:?} vs {b:?}");
         }
+        onnx
+    }
+
+    #[test]
+    fn onnx_file_matches_the_candle_model_on_every_fixture_image() {
+        let data = crate::data::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/sample.csv"),
+        )
+        .unwrap();
+        let model = Cnn::new(CnnConfig::default(), &mut loader::rng(3, 0), &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m.onnx");
+        export(&model, &out, vec![("k".into(), "v".into())]).unwrap();
+        assert!(out.with_extension("safetensors").exists());
+        let onnx = assert_onnx_matches(&model, &out, &data, 1e-4);
+        assert_eq!(onnx.metadata_value("k"), Some("v"));
+        assert!(onnx
+            .metadata_value("class_names")
+            .unwrap()
+            .contains("Ankle boot"));
     }
 }

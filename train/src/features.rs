@@ -127,10 +127,14 @@ fn read_complete(path: &Path, key: &CacheKey) -> Result<std::result::Result<Vec<
     }
     let mut bytes = Vec::with_capacity(key.rows * key.dim * 4);
     f.read_to_end(&mut bytes)?;
-    Ok(Ok(bytes
+    Ok(Ok(decode(&bytes)))
+}
+
+fn decode(bytes: &[u8]) -> Vec<f32> {
+    bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()))
+        .collect()
 }
 
 /// The fields on which two keys differ, for the "rebuilding because" message.
@@ -176,8 +180,10 @@ pub fn load_or_build(
     }
     let partial = PathBuf::from(format!("{}.partial", path.display()));
     let row_bytes = (key.dim * 4) as u64;
-    // Continue a partial file made for the same key; start over otherwise.
+    // Continue a partial file made for the same key (its rows are read back once); start
+    // over otherwise. Every row ends up in `values` as well as in the file.
     let mut done = 0usize;
+    let mut values: Vec<f32> = Vec::new();
     let mut file = None;
     if partial.exists() {
         let mut f = OpenOptions::new()
@@ -191,7 +197,10 @@ pub fn load_or_build(
                 done = (((len.saturating_sub(start)) / row_bytes) as usize).min(key.rows);
                 // Drop a half-written last row.
                 f.set_len(start + done as u64 * row_bytes)?;
-                f.seek(SeekFrom::End(0))?;
+                f.seek(SeekFrom::Start(start))?;
+                let mut bytes = vec![0u8; done * key.dim * 4];
+                f.read_exact(&mut bytes)?;
+                values = decode(&bytes);
                 file = Some(f);
             }
         }
@@ -227,20 +236,21 @@ pub fn load_or_build(
             .into());
         }
         let end = (done + batch.max(1)).min(key.rows);
-        let values = extract(done, end)?;
-        if values.len() != (end - done) * key.dim {
+        let rows = extract(done, end)?;
+        if rows.len() != (end - done) * key.dim {
             bail!(
                 "feature extractor gave {} values for rows {done}..{end} (dim {})",
-                values.len(),
+                rows.len(),
                 key.dim
             );
         }
-        let mut bytes = Vec::with_capacity(values.len() * 4);
-        for v in &values {
+        let mut bytes = Vec::with_capacity(rows.len() * 4);
+        for v in &rows {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
         file.write_all(&bytes)
             .with_context(|| format!("writing {}", partial.display()))?;
+        values.extend_from_slice(&rows);
         done = end;
         progress(done);
     }
@@ -248,8 +258,6 @@ pub fn load_or_build(
     drop(file);
     std::fs::rename(&partial, path)
         .with_context(|| format!("renaming {} to {}", partial.display(), path.display()))?;
-    let values = read_complete(path, key)?
-        .map_err(|why| anyhow::anyhow!("{} was just written but {why}", path.display()))?;
     Ok(Features {
         values,
         dim: key.dim,

@@ -438,21 +438,7 @@ fn cmd_train_vgg(a: TrainArgs) -> Result<()> {
             let sha = data::sha256_file(path)?;
             let tf = features_of(&t, path, &sha).map_err(stopped_exits)?;
             let rows: Vec<usize> = (0..t.len()).collect();
-            let mut preds = Vec::with_capacity(t.len());
-            for chunk in rows.chunks(1000) {
-                let mut v = Vec::with_capacity(chunk.len() * tf.dim);
-                for &r in chunk {
-                    v.extend_from_slice(tf.row(r));
-                }
-                let x = candle_core::Tensor::from_vec(v, (chunk.len(), tf.dim), &dev)?;
-                preds.extend(
-                    head.forward_t(&x, None)?
-                        .argmax(1)?
-                        .to_vec1::<u32>()?
-                        .into_iter()
-                        .map(|p| p as u8),
-                );
-            }
+            let preds = transfer::head_predictions(&head, &tf, &rows, &dev)?;
             let r = metrics::Report::new(&t.labels, &preds);
             eprintln!(
                 "test accuracy {:.4} on {} images ({})",
@@ -647,10 +633,11 @@ fn cmd_bench_vgg(a: BenchVggArgs) -> Result<()> {
             rows.len()
         );
     }
-    // Head training reads cached features; its cost depends only on their shape.
+    // Head training reads cached features and the labels only (never the images); its cost
+    // depends only on the features' shape.
     let labels = data::Dataset {
         labels: (0..a.head_rows).map(|i| (i % 10) as u8).collect(),
-        images: vec![0; a.head_rows * fmnist::classes::IMAGE_PIXELS],
+        images: Vec::new(),
     };
     for mode in [HeadMode::Last, HeadMode::Mlp] {
         let dim = transfer::feature_dim(&vgg, mode);

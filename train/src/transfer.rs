@@ -378,6 +378,27 @@ fn rows_tensor(feats: &Features, rows: &[usize], dev: &Device) -> Result<Tensor>
     Ok(Tensor::from_vec(v, (rows.len(), feats.dim), dev)?)
 }
 
+/// The classes `head` predicts for the given cached rows.
+pub fn head_predictions(
+    head: &Head,
+    feats: &Features,
+    rows: &[usize],
+    dev: &Device,
+) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(1000) {
+        let logits = head.forward_t(&rows_tensor(feats, chunk, dev)?, None)?;
+        out.extend(
+            logits
+                .argmax(1)?
+                .to_vec1::<u32>()?
+                .into_iter()
+                .map(|p| p as u8),
+        );
+    }
+    Ok(out)
+}
+
 /// Accuracy of `head` on the given cached rows.
 pub fn head_accuracy(
     head: &Head,
@@ -386,16 +407,12 @@ pub fn head_accuracy(
     rows: &[usize],
     dev: &Device,
 ) -> Result<f64> {
-    let mut correct = 0usize;
-    for chunk in rows.chunks(1000) {
-        let logits = head.forward_t(&rows_tensor(feats, chunk, dev)?, None)?;
-        let pred = logits.argmax(1)?.to_vec1::<u32>()?;
-        correct += chunk
-            .iter()
-            .zip(pred)
-            .filter(|(&r, p)| labels[r] as u32 == *p)
-            .count();
-    }
+    let preds = head_predictions(head, feats, rows, dev)?;
+    let correct = rows
+        .iter()
+        .zip(preds)
+        .filter(|(&r, p)| labels[r] == *p)
+        .count();
     Ok(correct as f64 / rows.len().max(1) as f64)
 }
 
@@ -485,8 +502,8 @@ pub fn train_head(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::tests::assert_onnx_matches;
     use crate::models::vgg::{formula_tensors, VggConfig};
-    use fmnist::OnnxModel;
 
     const NARROW: VggConfig = VggConfig {
         widths: [8, 8, 16, 16, 16],
@@ -591,31 +608,7 @@ mod tests {
 
         let out = dir.path().join("vgg.onnx");
         crate::export::export(&model, &out, vec![]).unwrap();
-        let onnx = OnnxModel::load(&out).unwrap();
-        assert_eq!(onnx.layout(), InputLayout::Rgb { size: 32 });
-        let ours = crate::train::predict(&model, &data, 40, &dev)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let images: Vec<&[u8]> = (0..data.len()).map(|i| data.image(i)).collect();
-        let theirs = onnx
-            .logits_for_pixels(&images)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-            let diff = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            assert!(diff < 1e-3, "image {i}: logits differ by {diff}");
-            assert_eq!(
-                fmnist::onnx::model::argmax(a),
-                fmnist::onnx::model::argmax(b),
-                "image {i}: {a:?} vs {b:?}"
-            );
-        }
+        assert_onnx_matches(&model, &out, &data, 1e-3);
         // The safetensors sibling holds the head only.
         let st = candle_core::safetensors::load(out.with_extension("safetensors"), &dev).unwrap();
         assert!(st.keys().all(|k| k.starts_with("head.")), "{:?}", st.keys());
@@ -646,18 +639,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("vgg64.onnx");
         crate::export::export(&model, &out, vec![]).unwrap();
-        let onnx = OnnxModel::load(&out).unwrap();
-        let ours = crate::train::predict(&model, &data, 12, &dev).unwrap();
-        let images: Vec<&[u8]> = (0..data.len()).map(|i| data.image(i)).collect();
-        let theirs = onnx.logits_for_pixels(&images).unwrap();
-        let diff = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-4, "logits differ by {diff}");
+        assert_onnx_matches(&model, &out, &data, 1e-4);
     }
 }

@@ -144,6 +144,9 @@ pub struct Vgg16 {
     pub classifier: Option<[Dense; 3]>,
     /// Which layout the file used ("torchvision" or "timm").
     pub layout: &'static str,
+    /// The convolution kernels as `[3·3·in, out]` matrices for the channels-last CPU path,
+    /// made on its first use and kept (not rebuilt for every batch).
+    kernels_nhwc: std::sync::OnceLock<Vec<Tensor>>,
 }
 
 impl Vgg16 {
@@ -266,6 +269,7 @@ impl Vgg16 {
             convs,
             classifier,
             layout,
+            kernels_nhwc: std::sync::OnceLock::new(),
         })
     }
 
@@ -301,23 +305,34 @@ impl Vgg16 {
     /// Channels-last CPU path of [`Vgg16::features`].
     fn features_nhwc(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         use super::kernels::{BiasRelu, Im2Col3x3, MaxPool2x2};
+        let kernels = match self.kernels_nhwc.get() {
+            Some(k) => k,
+            None => {
+                // [o, i, ky, kx] -> [ky, kx, i, o]: the im2col column order (ky, kx, c).
+                let made = self
+                    .convs
+                    .iter()
+                    .map(|(w, _)| {
+                        let (o, i, kh, kw) = w.dims4()?;
+                        w.permute((2, 3, 1, 0))?
+                            .contiguous()?
+                            .reshape((kh * kw * i, o))
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                self.kernels_nhwc.get_or_init(|| made)
+            }
+        };
         let mut x = xs.permute((0, 2, 3, 1))?.contiguous()?;
         let mut layer = 0;
         for &n in &BLOCKS {
             for _ in 0..n {
-                let (w, b) = &self.convs[layer];
-                let (o, i, kh, kw) = w.dims4()?;
-                // [o, i, ky, kx] -> [ky, kx, i, o]: the im2col column order (ky, kx, c).
-                let w_t = w
-                    .permute((2, 3, 1, 0))?
-                    .contiguous()?
-                    .reshape((kh * kw * i, o))?;
+                let (w_t, b) = (&kernels[layer], &self.convs[layer].1);
                 let (bn, h, wd, _) = x.dims4()?;
                 x = x
                     .apply_op1(Im2Col3x3)?
-                    .matmul(&w_t)?
+                    .matmul(w_t)?
                     .apply_op2(b, BiasRelu)?
-                    .reshape((bn, h, wd, o))?;
+                    .reshape((bn, h, wd, w_t.dim(1)?))?;
                 layer += 1;
             }
             x = x.apply_op1(MaxPool2x2)?;
@@ -428,8 +443,9 @@ pub fn adaptive_avg_pool(xs: &Tensor, out: usize) -> candle_core::Result<Tensor>
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::models::kernels::tests::{max_abs, max_diff};
     use fmnist::preprocess::{batch_from_pixels, InputLayout};
 
     fn reference() -> HashMap<String, Tensor> {
@@ -441,16 +457,8 @@ pub(crate) mod tests {
     /// Largest absolute difference, and the same relative to the reference's largest value.
     fn compare(ours: &Tensor, theirs: &Tensor) -> (f32, f32) {
         assert_eq!(ours.dims(), theirs.dims());
-        let diff = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap();
-        let diff = diff.to_scalar::<f32>().unwrap();
-        let scale = theirs
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        (diff, diff / scale.max(1e-12))
+        let diff = max_diff(ours, theirs);
+        (diff, diff / max_abs(theirs).max(1e-12))
     }
 
     #[test]
