@@ -175,7 +175,11 @@ fn failed_logins_lock_out_that_address_only() {
     // After the lockout the right password works again.
     std::thread::sleep(Duration::from_millis(2200));
     assert_eq!(send("127.0.0.2", Some(&good)).status, 200);
-    assert!(s.logs().contains("locked out"));
+    assert!(
+        s.wait_for_log("locked out", Duration::from_secs(5)),
+        "{}",
+        s.logs()
+    );
 
     // Credentials never reach logs, error bodies or metrics.
     let metrics = get(&s, "/metrics", false).body;

@@ -98,11 +98,30 @@ impl Server {
                 panic!("server did not start; stderr:\n{}", stderr.lock().unwrap());
             }
         };
-        Server {
+        let server = Server {
             child,
             base: format!("http://{addr}"),
             addr,
             stderr,
+        };
+        // The address reaches stdout and stderr through separate pipes and reader threads; wait
+        // until stderr has caught up (its "listening" line names the address), so that every
+        // start-up warning, all written before it, is in `logs()`.
+        server.wait_for_log(&server.addr.clone(), Duration::from_secs(10));
+        server
+    }
+
+    /// Waits until the server's stderr contains `needle` (true) or `limit` passes (false).
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
