@@ -14,7 +14,7 @@ MODEL ?= weights/fmnist-cnn.onnx
 VENV ?= .venv
 
 .PHONY: help deps deps-data build data train eval serve test test-rust test-onnxruntime check-shipped \
-        bench bench-train bench-serve bench-vgg soak soak-ci fuzz schemathesis vgg16-weights train-vgg postman image image-run image-test k8s-validate fmt lint clean
+        bench bench-train bench-serve bench-vgg bench-kernels soak soak-ci fuzz schemathesis vgg16-weights train-vgg postman image image-run image-test k8s-validate fmt lint clean
 
 help:
 	@echo "make serve        serve $(MODEL) on http://127.0.0.1:8080 (dev credentials admin/password123)"
@@ -29,7 +29,8 @@ help:
 	@echo "make image-run    run the image on port 8080 (dev credentials admin/password123)"
 	@echo "make image-test   check the image end to end (what CI runs)"
 	@echo "make k8s-validate validate deploy/k8s/ against the Kubernetes schemas"
-	@echo "make bench        all benchmarks (bench-train, bench-serve)"
+	@echo "make bench        all benchmarks (bench-kernels, bench-train, bench-serve, bench-vgg)"
+	@echo "make bench-kernels stock candle vs fmnist kernels vs onnxruntime: training step, inference, VGG16"
 	@echo "make bench-train  training throughput and time-to-accuracy on the full data"
 	@echo "make bench-serve  HTTP load test of POST /predict with wrk"
 	@echo "make bench-vgg    VGG16 feature extraction (img/s at 224 and 64) and head-training time"
@@ -164,7 +165,13 @@ test-onnxruntime: build $(VENV)/.ok
 postman: build
 	@bash scripts/postman.sh $(RELEASE)/fmnist-serve $(MODEL) 127.0.0.1:18081
 
-bench: bench-train bench-serve bench-vgg
+bench: bench-kernels bench-train bench-serve bench-vgg
+
+# One run, same machine and threads: candle's stock paths against fmnist's kernels (training
+# step, inference at batch 64 and 1, VGG16 at 224 and 64), then onnxruntime on the same model.
+bench-kernels: build $(VENV)/.ok
+	$(TRAIN) bench-kernels --model $(MODEL)
+	$(VENV)/bin/python scripts/bench_onnxruntime.py $(MODEL) fixtures/sample.csv
 
 BENCH_ADDR ?= 127.0.0.1:18080
 bench-serve: build

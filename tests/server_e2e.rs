@@ -744,3 +744,40 @@ fn healthcheck_subcommand_follows_readiness() {
         "{err}"
     );
 }
+
+#[test]
+fn both_engines_give_the_same_answers_and_say_which_runs() {
+    let planned = Server::start(&[]);
+    let reference = Server::start(&["--engine", "candle-onnx"]);
+    assert!(
+        planned.wait_for_log("engine=planned", Duration::from_secs(5)),
+        "{}",
+        planned.logs()
+    );
+    assert!(
+        reference.wait_for_log("engine=candle-onnx (chosen)", Duration::from_secs(5)),
+        "{}",
+        reference.logs()
+    );
+    let (images, _) = fixture();
+    let body = json!({ "images": images[..40].iter().map(|i| image_json(i)).collect::<Vec<_>>() });
+    let a = post(&planned, "/predict", &body);
+    let b = post(&reference, "/predict", &body);
+    assert_eq!((a.status, b.status), (200, 200), "{} / {}", a.body, b.body);
+    let (a, b) = (a.json(), b.json());
+    let (a, b) = (
+        a["predictions"].as_array().unwrap(),
+        b["predictions"].as_array().unwrap(),
+    );
+    assert_eq!(a.len(), 40);
+    for (i, (p, q)) in a.iter().zip(b).enumerate() {
+        assert_eq!(p["label"], q["label"], "image {i}");
+        for (name, v) in p["probabilities"].as_object().unwrap() {
+            let w = q["probabilities"][name].as_f64().unwrap();
+            assert!(
+                (v.as_f64().unwrap() - w).abs() < 1e-5,
+                "image {i} {name}: {v} vs {w}"
+            );
+        }
+    }
+}

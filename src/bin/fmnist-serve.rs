@@ -149,12 +149,13 @@ fn run() -> Result<()> {
     };
 
     let started = Instant::now();
-    let model = Arc::new(OnnxModel::load(&cfg.model)?);
+    let model = Arc::new(OnnxModel::load(&cfg.model)?.with_engine(cfg.engine.into()));
     model.warm_up().context("warming up the model")?;
     tracing::info!(
         model = %cfg.model.display(),
         name = %cfg.resolved_model_name(),
         layout = ?model.layout(),
+        engine = %model.engine_description(),
         bytes = model.size_bytes(),
         ms = started.elapsed().as_millis() as u64,
         "model loaded and warmed up"

@@ -1,11 +1,13 @@
 //! ONNX models: writing them ([`writer`]) from layer descriptions, since candle cannot export,
 //! and running them ([`model`]) with candle-onnx.
 
+pub mod kernels;
 pub mod model;
+pub mod plan;
 pub mod writer;
 
 pub use crate::preprocess::InputLayout;
-pub use model::{ModelError, OnnxModel};
+pub use model::{Engine, ModelError, OnnxModel};
 pub use writer::{adaptive_pool_matrix, GraphSpec, Layer, WriteError};
 
 /// Name of the graph input in every model fmnist writes.

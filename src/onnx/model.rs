@@ -5,6 +5,7 @@
 //! converts them once at load, keeps a copy of the graph without initializers, and passes the
 //! ready tensors (reference-counted, so not copied) as inputs on every run.
 
+use super::plan::Plan;
 use super::OUTPUT_NAME;
 use crate::classes::NUM_CLASSES;
 use crate::preprocess::InputLayout;
@@ -148,10 +149,24 @@ impl From<candle_core::Error> for ModelError {
     }
 }
 
+/// Which implementation runs the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// fmnist's planned executor when the graph is one it plans, else candle-onnx.
+    #[default]
+    Auto,
+    /// Always candle-onnx's `simple_eval` (the reference the planned executor is tested
+    /// against).
+    CandleOnnx,
+}
+
 /// A loaded classifier: weights converted once, ready to run many times.
 #[derive(Debug)]
 pub struct OnnxModel {
     path: PathBuf,
+    /// The planned executor, or why the graph could not be planned.
+    plan: Result<Plan, String>,
+    engine: Engine,
     graph_only: onnx::ModelProto,
     weights: Vec<(String, Tensor)>,
     input_name: String,
@@ -286,6 +301,13 @@ impl OnnxModel {
             })?;
             weights.push((t.name, tensor));
         }
+        let plan = Plan::new(
+            proto.graph.as_ref().expect("checked above"),
+            &weights,
+            &input_name,
+            &output_name,
+            layout,
+        );
         // Old-style graphs list initializers among the inputs too; simple_eval checks those
         // against the values we pass, which is what we want.
         let metadata = proto
@@ -295,6 +317,8 @@ impl OnnxModel {
             .collect();
         Ok(Self {
             path,
+            plan,
+            engine: Engine::Auto,
             graph_only: proto,
             weights,
             input_name,
@@ -303,6 +327,34 @@ impl OnnxModel {
             metadata,
             size_bytes,
         })
+    }
+
+    /// Chooses the implementation that runs the graph from now on.
+    pub fn with_engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// What runs the graph: `"planned"` or `"candle-onnx"`, with the reason the planner gave
+    /// when it could not take the graph.
+    pub fn engine_description(&self) -> String {
+        match (&self.plan, self.engine) {
+            (Ok(p), Engine::Auto) => format!("planned ({} steps)", p.len()),
+            (Ok(_), Engine::CandleOnnx) => "candle-onnx (chosen)".to_string(),
+            (Err(why), _) => format!("candle-onnx (not planned: {why})"),
+        }
+    }
+
+    /// The planned executor, when the graph could be planned (whatever the engine).
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref().ok()
+    }
+
+    fn active_plan(&self) -> Option<&Plan> {
+        match (&self.plan, self.engine) {
+            (Ok(p), Engine::Auto) => Some(p),
+            _ => None,
+        }
     }
 
     /// The input layout this model wants.
@@ -345,6 +397,31 @@ impl OnnxModel {
 
     /// Runs the graph on an input already in the model's layout; returns `[N, 10]` logits.
     pub fn run(&self, input: &Tensor) -> Result<Tensor, ModelError> {
+        self.check_input(input)?;
+        match self.active_plan() {
+            Some(plan) => {
+                let n = input.dims()[0];
+                let values = input.flatten_all()?.to_vec1::<f32>()?;
+                let logits = plan.run(&values, n)?;
+                Ok(Tensor::from_vec(logits, (n, NUM_CLASSES), input.device())?)
+            }
+            None => self.run_candle_onnx(input),
+        }
+    }
+
+    /// Runs `n` images already in the model's layout, given as a flat slice; returns the
+    /// `n * 10` logits. The server's path: no tensor is built when the graph is planned.
+    pub fn run_values(&self, values: Vec<f32>, n: usize) -> Result<Vec<f32>, ModelError> {
+        match self.active_plan() {
+            Some(plan) => plan.run(&values, n),
+            None => {
+                let input = Tensor::from_vec(values, self.layout.batch_shape(n), &Device::Cpu)?;
+                Ok(self.run(&input)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+        }
+    }
+
+    fn check_input(&self, input: &Tensor) -> Result<(), ModelError> {
         let expected = self
             .layout
             .batch_shape(input.dims().first().copied().unwrap_or(0));
@@ -354,6 +431,12 @@ impl OnnxModel {
                 expected: format!("{} with N >= 1", self.layout.describe()),
             });
         }
+        Ok(())
+    }
+
+    /// Runs the graph through candle-onnx's `simple_eval`, whatever the engine.
+    pub fn run_candle_onnx(&self, input: &Tensor) -> Result<Tensor, ModelError> {
+        self.check_input(input)?;
         let mut values: HashMap<String, Tensor> = self
             .weights
             .iter()

@@ -13,8 +13,7 @@
 use super::error::ApiError;
 use super::metrics::Metrics;
 use crate::onnx::OnnxModel;
-use crate::preprocess::batch_from_unit;
-use candle_core::Device;
+use crate::preprocess::{push_image, InputLayout};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -46,6 +45,20 @@ pub struct Batcher {
     metrics: Arc<Metrics>,
     queued_images: Arc<AtomicUsize>,
     max_queued_images: usize,
+    arriving: Arc<AtomicUsize>,
+}
+
+/// A prediction request on its way to the queue (its body being read and decoded). While any
+/// exists the batching thread waits up to `max_delay` for it; when none does and the queue is
+/// empty, a batch runs at once — a lone request does not pay the delay for nothing.
+pub struct Arriving {
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Batcher {
@@ -55,16 +68,34 @@ impl Batcher {
         let m = Arc::clone(&metrics);
         let queued_images = Arc::new(AtomicUsize::new(0));
         let q = Arc::clone(&queued_images);
+        let arriving = Arc::new(AtomicUsize::new(0));
+        let a = Arc::clone(&arriving);
         std::thread::Builder::new()
             .name("fmnist-batcher".into())
-            .spawn(move || worker(model, cfg, rx, m, q))
+            .spawn(move || worker(model, cfg, rx, m, q, a))
             .expect("spawning the batcher thread");
         Self {
             tx,
             metrics,
             queued_images,
             max_queued_images: cfg.max_queued_images.max(1),
+            arriving,
         }
+    }
+
+    /// Announces a prediction request before its body is read; refused (503) while the image
+    /// budget is used up, so an overloaded server does not read and decode bodies it would
+    /// refuse anyway.
+    pub fn arriving(&self) -> Result<Arriving, ApiError> {
+        if self.is_saturated() {
+            return Err(ApiError::QueueFull {
+                retry_after_secs: 1,
+            });
+        }
+        self.arriving.fetch_add(1, Ordering::SeqCst);
+        Ok(Arriving {
+            count: Arc::clone(&self.arriving),
+        })
     }
 
     /// Queues `n` images (0–1 values, 784 each) and waits for their `n * 10` logits.
@@ -74,7 +105,12 @@ impl Batcher {
         self.queued_images.load(Ordering::SeqCst) >= self.max_queued_images
     }
 
-    pub async fn infer(&self, pixels: Vec<f32>, n: usize) -> Result<Vec<f32>, ApiError> {
+    pub async fn infer(
+        &self,
+        arriving: Arriving,
+        pixels: Vec<f32>,
+        n: usize,
+    ) -> Result<Vec<f32>, ApiError> {
         let (reply, rx) = oneshot::channel();
         // Reserve room for the images first; a request bigger than the whole budget still
         // runs when nothing else waits.
@@ -101,6 +137,9 @@ impl Batcher {
                 return Err(ApiError::ShuttingDown);
             }
         }
+        // Queued: no longer on its way (dropped only now, so the worker always sees it in
+        // one of the two places).
+        drop(arriving);
         rx.await
             .map_err(|_| ApiError::Internal("the inference thread stopped".into()))?
             .map_err(ApiError::Internal)
@@ -113,6 +152,7 @@ fn worker(
     rx: mpsc::Receiver<Job>,
     metrics: Arc<Metrics>,
     queued_images: Arc<AtomicUsize>,
+    arriving: Arc<AtomicUsize>,
 ) {
     // A job leaves the queue: its images no longer count; one whose client is gone is dropped.
     let dequeue = |job: Job| -> Option<Job> {
@@ -142,10 +182,13 @@ fn worker(
         let mut jobs = vec![first];
         while total < cfg.max_batch {
             let wait = deadline.saturating_duration_since(Instant::now());
-            let next = if wait.is_zero() {
-                rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
-            } else {
-                rx.recv_timeout(wait)
+            let next = match rx.try_recv() {
+                Ok(j) => Ok(j),
+                // Nothing queued and no request on its way: run now rather than wait.
+                Err(_) if wait.is_zero() || arriving.load(Ordering::SeqCst) == 0 => {
+                    Err(RecvTimeoutError::Timeout)
+                }
+                Err(_) => rx.recv_timeout(wait),
             };
             let next = match next {
                 Ok(j) => match dequeue(j) {
@@ -189,15 +232,17 @@ fn worker(
 }
 
 fn run_batch(model: &OnnxModel, jobs: &[Job], total: usize) -> Result<Vec<f32>, String> {
-    let mut pixels = Vec::with_capacity(total * crate::classes::IMAGE_PIXELS);
+    let layout = model.layout();
+    let mut values = Vec::with_capacity(total * layout.values_per_image());
     for j in jobs {
-        pixels.extend_from_slice(&j.pixels);
+        match layout {
+            InputLayout::Flat | InputLayout::Gray => values.extend_from_slice(&j.pixels),
+            InputLayout::Rgb { .. } => {
+                for image in j.pixels.chunks_exact(crate::classes::IMAGE_PIXELS) {
+                    push_image(image, layout, &mut values);
+                }
+            }
+        }
     }
-    let input =
-        batch_from_unit(&pixels, model.layout(), &Device::Cpu).map_err(|e| e.to_string())?;
-    let logits = model.run(&input).map_err(|e| e.to_string())?;
-    logits
-        .flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| e.to_string())
+    model.run_values(values, total).map_err(|e| e.to_string())
 }

@@ -12,12 +12,38 @@ pub enum LogFormat {
     Json,
 }
 
+/// `--engine` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineChoice {
+    /// The planned executor where the graph allows it, else candle-onnx.
+    Auto,
+    /// candle-onnx's graph interpreter for every graph.
+    CandleOnnx,
+}
+
+impl From<EngineChoice> for crate::onnx::Engine {
+    fn from(e: EngineChoice) -> Self {
+        match e {
+            EngineChoice::Auto => crate::onnx::Engine::Auto,
+            EngineChoice::CandleOnnx => crate::onnx::Engine::CandleOnnx,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     /// ONNX model to serve: input [N,1,28,28], [N,784] or [N,3,S,S] float32 in 0–1, output
     /// [N,10] logits.
     #[arg(long, env = "FMNIST_MODEL", default_value = "weights/fmnist-cnn.onnx")]
     pub model: PathBuf,
+
+    /// What runs the model: 'auto' uses fmnist's planned executor (weights laid out once for
+    /// its own convolution and matrix kernels, several times faster) for the plain
+    /// Conv/Relu/MaxPool/Flatten/MatMul/Gemm graphs fmnist and PyTorch export, and candle-onnx
+    /// for any other graph; 'candle-onnx' always interprets the graph with candle-onnx. The
+    /// log line "model loaded" says which one runs and, if candle-onnx, why.
+    #[arg(long, env = "FMNIST_ENGINE", value_enum, default_value_t = EngineChoice::Auto)]
+    pub engine: EngineChoice,
 
     /// Name of the model in the v2 routes; defaults to the model file's stem.
     #[arg(long, env = "FMNIST_MODEL_NAME")]

@@ -220,10 +220,13 @@ async fn dispatch(
         }
         Route::OpenApi => Ok(json_response(StatusCode::OK, &state.openapi)),
         Route::Predict => {
-            refuse_when_saturated(state)?;
+            let arriving = state.batcher.arriving()?;
             let body = read_json(req, state.config.max_body_bytes).await?;
             let parsed = api::parse_predict(&api::parse_json(&body)?, state.config.max_images)?;
-            let logits = state.batcher.infer(parsed.pixels, parsed.n).await?;
+            let logits = state
+                .batcher
+                .infer(arriving, parsed.pixels, parsed.n)
+                .await?;
             let mut preds = logits.chunks_exact(crate::NUM_CLASSES).map(api::prediction);
             let body = if parsed.single {
                 preds.next().unwrap_or(Value::Null)
@@ -234,27 +237,18 @@ async fn dispatch(
         }
         Route::Infer(name) => {
             model_known(&name)?;
-            refuse_when_saturated(state)?;
+            let arriving = state.batcher.arriving()?;
             let body = read_json(req, state.config.max_body_bytes).await?;
             let mut parsed = api::parse_infer(&api::parse_json(&body)?, state.config.max_images)?;
             // The pixels go to the batcher; the response needs only the rest.
             let pixels = std::mem::take(&mut parsed.pixels);
-            let logits = state.batcher.infer(pixels, parsed.n).await?;
+            let logits = state.batcher.infer(arriving, pixels, parsed.n).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &api::infer_response(&state.model_name, &parsed, &logits),
             ))
         }
     }
-}
-
-fn refuse_when_saturated(state: &AppState) -> Result<(), ApiError> {
-    if state.batcher.is_saturated() {
-        return Err(ApiError::QueueFull {
-            retry_after_secs: 1,
-        });
-    }
-    Ok(())
 }
 
 /// Checks the content type, refuses bodies over `limit` before reading them when the size is

@@ -1,5 +1,6 @@
 //! `fmnist-train`: convert data, train, evaluate and export Fashion-MNIST classifiers.
 
+mod bench;
 mod data;
 mod export;
 mod features;
@@ -52,6 +53,29 @@ enum Command {
     Convert(ConvertArgs),
     /// Measure VGG16 feature extraction (images/s per input size) and head-training time.
     BenchVgg(BenchVggArgs),
+    /// Compare candle's stock paths with fmnist's kernels in one run: the training step of the
+    /// shipped CNN recipe, inference at batch 64 and batch 1 (candle-onnx vs the planned
+    /// executor), and VGG16 feature extraction.
+    BenchKernels(BenchKernelsArgs),
+}
+
+#[derive(Args)]
+struct BenchKernelsArgs {
+    /// ONNX model for the inference rows.
+    #[arg(long, default_value = "weights/fmnist-cnn.onnx")]
+    model: PathBuf,
+    /// Images the benchmarks feed (cycled).
+    #[arg(long, default_value = "fixtures/sample.csv")]
+    data: PathBuf,
+    /// Minimum seconds measured per row (after a warm-up call).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// VGG16 input sizes to time; give none (`--vgg-sizes`) to skip VGG16.
+    #[arg(long, default_values_t = [224, 64], num_args = 0..)]
+    vgg_sizes: Vec<usize>,
+    /// Leave out the training-step rows.
+    #[arg(long)]
+    skip_training: bool,
 }
 
 #[derive(Args)]
@@ -696,5 +720,16 @@ fn run() -> Result<()> {
         Command::Eval(a) => cmd_eval(a),
         Command::Convert(a) => cmd_convert(a),
         Command::BenchVgg(a) => cmd_bench_vgg(a),
+        Command::BenchKernels(a) => {
+            let d = load_data(&a.data, None)?;
+            anyhow::ensure!(!d.is_empty(), "{} has no images", a.data.display());
+            bench::run(&bench::BenchKernels {
+                data: &d,
+                model: &a.model,
+                seconds: a.seconds,
+                vgg_sizes: &a.vgg_sizes,
+                skip_training: a.skip_training,
+            })
+        }
     }
 }

@@ -245,7 +245,7 @@ impl Cnn {
         linear(&xs, &self.fc1_nchw()?, &self.fc1.1)?.relu()
     }
 
-    fn forward_with(
+    pub fn forward_with(
         &self,
         xs: &Tensor,
         train: Option<&mut ChaCha8Rng>,

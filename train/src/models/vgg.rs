@@ -341,7 +341,7 @@ impl Vgg16 {
     }
 
     /// candle's stock NCHW path of [`Vgg16::features`] (any size, any device).
-    fn features_stock(&self, xs: &Tensor) -> Result<Tensor, VggError> {
+    pub fn features_stock(&self, xs: &Tensor) -> Result<Tensor, VggError> {
         let mut x = xs.clone();
         let mut layer = 0;
         for &n in &BLOCKS {

@@ -1,0 +1,605 @@
+//! Matrix kernels of the planned executor: `out = act(a · b + bias)` with `b` (the weights)
+//! packed once at load.
+//!
+//! Why not only the `gemm` crate: on stable Rust it runs AVX2 kernels (its AVX-512 ones need
+//! the `nightly` feature) and packs the weights on every call. On an AVX-512 CPU the kernel
+//! below — 6 rows × 32 columns of accumulators in zmm registers, weights pre-packed into
+//! 16-column panels, bias and ReLU applied while the results are still in registers — does
+//! the same products in about half the time. Other CPUs, and widths that are not a multiple
+//! of 16, go to `gemm`.
+
+/// Weights `[k, n]` (row-major) in the layout the kernel reads: `n / 16` panels of `[k][16]`.
+#[derive(Debug)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    /// The row-major matrix, for the `gemm` fallback.
+    plain: Vec<f32>,
+    /// Panel layout, when the AVX-512 kernel can be used.
+    panels: Option<Vec<f32>>,
+}
+
+const NR: usize = 16;
+const MR: usize = 12;
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl PackedB {
+    pub fn new(plain: Vec<f32>, k: usize, n: usize) -> Self {
+        Self::with_kernel(plain, k, n, true)
+    }
+
+    /// `allow_avx512: false` always takes the portable path (tests compare the two).
+    pub fn with_kernel(plain: Vec<f32>, k: usize, n: usize, allow_avx512: bool) -> Self {
+        assert_eq!(plain.len(), k * n);
+        let panels = (n.is_multiple_of(NR) && n > 0 && allow_avx512 && avx512()).then(|| {
+            let mut p = vec![0f32; k * n];
+            for j in 0..n / NR {
+                for r in 0..k {
+                    p[(j * k + r) * NR..(j * k + r + 1) * NR]
+                        .copy_from_slice(&plain[r * n + j * NR..r * n + (j + 1) * NR]);
+                }
+            }
+            p
+        });
+        PackedB {
+            k,
+            n,
+            plain,
+            panels,
+        }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The row-major `[k, n]` values.
+    pub fn plain(&self) -> &[f32] {
+        &self.plain
+    }
+
+    /// Which kernel runs: for logs and benchmarks.
+    pub fn kernel_name(&self) -> &'static str {
+        if self.panels.is_some() {
+            "avx512"
+        } else {
+            "gemm"
+        }
+    }
+}
+
+/// `out[m×n] = a[m×k] · b + bias`, then ReLU when `relu`; all row-major, on this thread.
+pub fn matmul_bias_act(
+    a: &[f32],
+    m: usize,
+    b: &PackedB,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    let (k, n) = (b.k, b.n);
+    assert!(a.len() >= m * k && out.len() >= m * n && bias.len() == n);
+    if m == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(panels) = &b.panels {
+        // SAFETY: panels exist only when the CPU has AVX-512F (checked in PackedB::new), and
+        // the asserts above bound every access the kernel makes.
+        unsafe { avx512::matmul(a, m, k, n, panels, bias, relu, out) };
+        return;
+    }
+    sgemm(m, k, n, a, &b.plain, out);
+    for row in out[..m * n].chunks_exact_mut(n) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+            if relu {
+                *v = v.max(0.0);
+            }
+        }
+    }
+}
+
+/// Where a convolution's rows of input values lie in a (pre-padded) channels-last batch: row
+/// `r` (image × output position) is `segs` runs of `seg_len` contiguous values, one per kernel
+/// row, the first at [`Windows::base`] and the next `seg_stride` further on. The kernels read
+/// them in place, so no im2col matrix is written and read back.
+#[derive(Debug, Clone, Copy)]
+pub struct Windows {
+    /// Output positions per image.
+    pub ohw: usize,
+    /// Output width.
+    pub ow: usize,
+    /// Values per padded input image.
+    pub img_stride: usize,
+    /// Offset between output rows (stride × padded width × channels).
+    pub row_step: usize,
+    /// Offset between output columns (stride × channels).
+    pub col_step: usize,
+    /// Kernel rows.
+    pub segs: usize,
+    /// Kernel width × channels.
+    pub seg_len: usize,
+    /// Padded width × channels.
+    pub seg_stride: usize,
+}
+
+impl Windows {
+    /// Offset of row `r`'s first run.
+    #[inline(always)]
+    pub fn base(&self, r: usize) -> usize {
+        let (img, pos) = (r / self.ohw, r % self.ohw);
+        img * self.img_stride + (pos / self.ow) * self.row_step + (pos % self.ow) * self.col_step
+    }
+
+    /// Values one row holds (the GEMM depth).
+    pub fn k(&self) -> usize {
+        self.segs * self.seg_len
+    }
+
+    /// Copies rows `[r0, r0 + rows)` into `col` (`rows × k`, row-major).
+    pub fn gather(&self, src: &[f32], r0: usize, rows: usize, col: &mut [f32]) {
+        let k = self.k();
+        for (i, dst) in col[..rows * k].chunks_exact_mut(k).enumerate() {
+            let base = self.base(r0 + i);
+            for (s, d) in dst.chunks_exact_mut(self.seg_len).enumerate() {
+                let at = base + s * self.seg_stride;
+                d.copy_from_slice(&src[at..at + self.seg_len]);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread gathered rows for the fallback path (reused; every value is overwritten).
+    static COL_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Convolution rows `[r0, r0 + rows)` as `act(windows · b + bias)` into `out` (`rows × n`).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bias_act(
+    src: &[f32],
+    win: &Windows,
+    r0: usize,
+    rows: usize,
+    b: &PackedB,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    assert_eq!(win.k(), b.k);
+    assert!(out.len() >= rows * b.n && bias.len() == b.n);
+    if rows == 0 {
+        return;
+    }
+    // Every run of every row must lie inside `src`: the last row's last run ends furthest.
+    let last = win.base(r0 + rows - 1) + (win.segs - 1) * win.seg_stride + win.seg_len;
+    let first_row_end = win.base(r0) + (win.segs - 1) * win.seg_stride + win.seg_len;
+    assert!(last <= src.len() && first_row_end <= src.len());
+    #[cfg(target_arch = "x86_64")]
+    if let Some(panels) = &b.panels {
+        // SAFETY: panels exist only with AVX-512F; bases grow with the row index, so the
+        // check above bounds every run the kernel reads, and `out` holds rows × n values.
+        unsafe { avx512::conv(src, win, r0, rows, b.n, panels, bias, relu, out) };
+        return;
+    }
+    let step = (256 * 1024 / (4 * b.k.max(1))).max(8);
+    COL_SCRATCH.with_borrow_mut(|col| {
+        let mut done = 0;
+        while done < rows {
+            let r = step.min(rows - done);
+            if col.len() < r * b.k {
+                col.resize(r * b.k, 0.0);
+            }
+            win.gather(src, r0 + done, r, col);
+            let o = &mut out[done * b.n..(done + r) * b.n];
+            matmul_bias_act(col, r, b, bias, relu, o);
+            done += r;
+        }
+    });
+}
+
+/// `dst[m×n] = a[m×k] · b[k×n]`, all row-major and contiguous, on the calling thread (the
+/// `gemm` crate's AVX2/FMA kernels, chosen at run time).
+pub fn sgemm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], dst: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && dst.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above keep every access of the three row-major matrices in bounds
+    // (row strides k, n and n; column stride 1), and `dst` does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Windows, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// One block: `R` rows × `P` panels of 16 columns.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const R: usize, const P: usize>(
+        a: *const f32,
+        k: usize,
+        panel: *const f32,
+        bias: *const f32,
+        relu: bool,
+        c: *mut f32,
+        n: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        for r in 0..k {
+            let mut b = [_mm512_setzero_ps(); P];
+            for (p, b) in b.iter_mut().enumerate() {
+                *b = _mm512_loadu_ps(panel.add((p * k + r) * NR));
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(i * k + r));
+                for p in 0..P {
+                    acc[p] = _mm512_fmadd_ps(x, b[p], acc[p]);
+                }
+            }
+        }
+        let zero = _mm512_setzero_ps();
+        for (i, acc) in acc.iter().enumerate() {
+            for (p, v) in acc.iter().enumerate() {
+                let mut v = _mm512_add_ps(*v, _mm512_loadu_ps(bias.add(p * NR)));
+                if relu {
+                    v = _mm512_max_ps(v, zero);
+                }
+                _mm512_storeu_ps(c.add(i * n + p * NR), v);
+            }
+        }
+    }
+
+    /// One block of a convolution: `R` rows read in place through `Windows`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn conv_block<const R: usize, const P: usize>(
+        src: *const f32,
+        bases: &[usize; MR],
+        win: &Windows,
+        k: usize,
+        panel: *const f32,
+        bias: *const f32,
+        relu: bool,
+        c: *mut f32,
+        n: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        let mut r = 0;
+        for s in 0..win.segs {
+            let off = s * win.seg_stride;
+            for t in 0..win.seg_len {
+                let mut b = [_mm512_setzero_ps(); P];
+                for (p, b) in b.iter_mut().enumerate() {
+                    *b = _mm512_loadu_ps(panel.add((p * k + r) * NR));
+                }
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*src.add(bases[i] + off + t));
+                    for p in 0..P {
+                        acc[p] = _mm512_fmadd_ps(x, b[p], acc[p]);
+                    }
+                }
+                r += 1;
+            }
+        }
+        let zero = _mm512_setzero_ps();
+        for (i, acc) in acc.iter().enumerate() {
+            for (p, v) in acc.iter().enumerate() {
+                let mut v = _mm512_add_ps(*v, _mm512_loadu_ps(bias.add(p * NR)));
+                if relu {
+                    v = _mm512_max_ps(v, zero);
+                }
+                _mm512_storeu_ps(c.add(i * n + p * NR), v);
+            }
+        }
+    }
+
+    /// See [`super::conv_bias_act`].
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn conv(
+        src: &[f32],
+        win: &Windows,
+        r0: usize,
+        m: usize,
+        n: usize,
+        panels: &[f32],
+        bias: &[f32],
+        relu: bool,
+        out: &mut [f32],
+    ) {
+        let k = win.k();
+        let np = n / NR;
+        let mut j = 0;
+        while j < np {
+            let pp = if np - j >= 2 { 2 } else { 1 };
+            let panel = panels.as_ptr().add(j * k * NR);
+            let b = bias.as_ptr().add(j * NR);
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(MR);
+                let mut bases = [0usize; MR];
+                for (q, base) in bases.iter_mut().enumerate().take(r) {
+                    *base = win.base(r0 + i + q);
+                }
+                let c = out.as_mut_ptr().add(i * n + j * NR);
+                let s = src.as_ptr();
+                macro_rules! go {
+                    ($p:literal) => {
+                        match r {
+                            12 => conv_block::<12, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            11 => conv_block::<11, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            10 => conv_block::<10, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            9 => conv_block::<9, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            8 => conv_block::<8, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            7 => conv_block::<7, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            6 => conv_block::<6, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            5 => conv_block::<5, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            4 => conv_block::<4, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            3 => conv_block::<3, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            2 => conv_block::<2, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                            _ => conv_block::<1, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                        }
+                    };
+                }
+                if pp == 2 {
+                    go!(2);
+                } else {
+                    go!(1);
+                }
+                i += r;
+            }
+            j += pp;
+        }
+    }
+
+    macro_rules! rows {
+        ($r:expr, $p:literal, $($args:expr),*) => {
+            match $r {
+                12 => block::<12, $p>($($args),*),
+                11 => block::<11, $p>($($args),*),
+                10 => block::<10, $p>($($args),*),
+                9 => block::<9, $p>($($args),*),
+                8 => block::<8, $p>($($args),*),
+                7 => block::<7, $p>($($args),*),
+                6 => block::<6, $p>($($args),*),
+                5 => block::<5, $p>($($args),*),
+                4 => block::<4, $p>($($args),*),
+                3 => block::<3, $p>($($args),*),
+                2 => block::<2, $p>($($args),*),
+                _ => block::<1, $p>($($args),*),
+            }
+        };
+    }
+
+    /// See [`super::matmul_bias_act`]; `panels` as [`super::PackedB`] lays them out.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn matmul(
+        a: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        panels: &[f32],
+        bias: &[f32],
+        relu: bool,
+        out: &mut [f32],
+    ) {
+        let np = n / NR;
+        let mut j = 0;
+        // Column pairs outermost: their packed weights stay in L1/L2 while the rows stream.
+        while j < np {
+            let pp = if np - j >= 2 { 2 } else { 1 };
+            let panel = panels.as_ptr().add(j * k * NR);
+            let b = bias.as_ptr().add(j * NR);
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(MR);
+                let a = a.as_ptr().add(i * k);
+                let c = out.as_mut_ptr().add(i * n + j * NR);
+                if pp == 2 {
+                    rows!(r, 2, a, k, panel, b, relu, c, n);
+                } else {
+                    rows!(r, 1, a, k, panel, b, relu, c, n);
+                }
+                i += r;
+            }
+            j += pp;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(
+        a: &[f32],
+        m: usize,
+        k: usize,
+        b: &[f32],
+        n: usize,
+        bias: &[f32],
+        relu: bool,
+    ) -> Vec<f32> {
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for r in 0..k {
+                    s += a[i * k + r] as f64 * b[r * n + j] as f64;
+                }
+                let v = s as f32 + bias[j];
+                out[i * n + j] = if relu { v.max(0.0) } else { v };
+            }
+        }
+        out
+    }
+
+    /// Every row remainder (1–6), one and two panels, odd depths, widths that take the
+    /// fallback; against a float64 reference.
+    #[test]
+    fn matches_a_plain_triple_loop() {
+        let mut seed = 1u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for &(m, k, n) in &[
+            (1, 1, 16),
+            (5, 7, 16),
+            (6, 9, 32),
+            (7, 288, 64),
+            (13, 33, 48),
+            (64, 3136, 128),
+            (3, 5, 10),
+            (17, 100, 24),
+            (2, 4096, 16),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| next()).collect();
+            let bias: Vec<f32> = (0..n).map(|_| next()).collect();
+            for packed in [
+                PackedB::new(b.clone(), k, n),
+                PackedB::with_kernel(b.clone(), k, n, false),
+            ] {
+                for relu in [false, true] {
+                    let mut out = vec![f32::NAN; m * n];
+                    matmul_bias_act(&a, m, &packed, &bias, relu, &mut out);
+                    let want = reference(&a, m, k, &b, n, &bias, relu);
+                    let tol = 1e-5 * (k as f32).sqrt() * 4.0;
+                    for (i, (x, y)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (x - y).abs() <= tol,
+                            "m{m} k{k} n{n} relu {relu} [{i}]: {x} vs {y} ({})",
+                            packed.kernel_name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod conv_tests {
+    use super::*;
+
+    /// Windows read in place (AVX-512 where present) and gathered (portable path) against a
+    /// direct convolution loop, for odd sizes, strides, kernel sizes and channel counts.
+    #[test]
+    fn in_place_windows_match_a_direct_convolution() {
+        let mut seed = 3u64;
+        let mut next = |m: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as usize) % m
+        };
+        for case in 0..40 {
+            let (k, s) = (1 + next(4), 1 + next(2));
+            let (c, cout) = (1 + next(5), 16 * (1 + next(3)));
+            let (hp, wp) = (k + next(9), k + next(9));
+            let n = 1 + next(3);
+            let (oh, ow) = ((hp - k) / s + 1, (wp - k) / s + 1);
+            let src: Vec<f32> = (0..n * hp * wp * c)
+                .map(|_| next(2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let kk = k * k * c;
+            let w: Vec<f32> = (0..kk * cout)
+                .map(|_| next(2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let bias: Vec<f32> = (0..cout)
+                .map(|_| next(2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let win = Windows {
+                ohw: oh * ow,
+                ow,
+                img_stride: hp * wp * c,
+                row_step: s * wp * c,
+                col_step: s * c,
+                segs: k,
+                seg_len: k * c,
+                seg_stride: wp * c,
+            };
+            let m = n * oh * ow;
+            // Direct loop: out[b, oy, ox, o].
+            let mut want = vec![0f32; m * cout];
+            for b in 0..n {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        for o in 0..cout {
+                            let mut v = bias[o] as f64;
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    for ch in 0..c {
+                                        let x = src
+                                            [((b * hp + oy * s + ky) * wp + ox * s + kx) * c + ch];
+                                        v += x as f64
+                                            * w[((ky * k + kx) * c + ch) * cout + o] as f64;
+                                    }
+                                }
+                            }
+                            want[((b * oh + oy) * ow + ox) * cout + o] = (v as f32).max(0.0);
+                        }
+                    }
+                }
+            }
+            for allow in [true, false] {
+                let packed = PackedB::with_kernel(w.clone(), kk, cout, allow);
+                // In two calls, the second starting mid-image, as the executor's chunks do.
+                let split = m / 2;
+                let mut out = vec![f32::NAN; m * cout];
+                let (a, b) = out.split_at_mut(split * cout);
+                conv_bias_act(&src, &win, 0, split, &packed, &bias, true, a);
+                conv_bias_act(&src, &win, split, m - split, &packed, &bias, true, b);
+                for (i, (x, y)) in out.iter().zip(&want).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-4,
+                        "case {case} ({}) k{k} s{s} c{c} [{i}]: {x} vs {y}",
+                        packed.kernel_name()
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! `fmnist-train bench-kernels`: candle's stock paths against fmnist's kernels, in one run, on
+//! the same machine and threads — the training step of the shipped CNN recipe, inference of
+//! an ONNX model at batch 64 and batch 1, and VGG16 feature extraction.
+//!
+//! Every figure is measured by running the real code on the committed sample images for at
+//! least `--seconds` per row; nothing is estimated.
+
+use crate::data::Dataset;
+use crate::loader::{self, Augment};
+use crate::models::cnn::{Cnn, CnnConfig};
+use crate::models::vgg::{formula_tensors, Vgg16, VggConfig};
+use crate::models::Classifier;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::transfer::{self, Head, HeadConfig, HeadMode, Transfer};
+use anyhow::{Context, Result};
+use candle_core::Device;
+use fmnist::onnx::{writer, Engine, GraphSpec};
+use fmnist::{InputLayout, OnnxModel, NUM_CLASSES};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What to measure.
+pub struct BenchKernels<'a> {
+    pub data: &'a Dataset,
+    pub model: &'a Path,
+    pub seconds: f64,
+    pub vgg_sizes: &'a [usize],
+    pub skip_training: bool,
+}
+
+/// Calls `f` until `seconds` have passed (at least `min_calls` times) after one warm-up call;
+/// returns the per-call durations.
+fn timed(
+    seconds: f64,
+    min_calls: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Vec<Duration>> {
+    f()?;
+    let limit = Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < min_calls || started.elapsed() < limit {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed());
+    }
+    Ok(times)
+}
+
+fn percentile(times: &mut [Duration], p: f64) -> Duration {
+    times.sort();
+    times[((times.len() - 1) as f64 * p).round() as usize]
+}
+
+fn per_second(times: &[Duration], items: usize) -> f64 {
+    let total: f64 = times.iter().map(|d| d.as_secs_f64()).sum();
+    (times.len() * items) as f64 / total
+}
+
+fn images(data: &Dataset, n: usize) -> Vec<&[u8]> {
+    (0..n).map(|i| data.image(i % data.len())).collect()
+}
+
+pub fn run(b: &BenchKernels) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    println!(
+        "fmnist bench-kernels: CPU, {threads} threads (candle), {} rayon threads, >= {:.1} s per row",
+        rayon::current_num_threads(),
+        b.seconds
+    );
+    if !b.skip_training {
+        training_step(b)?;
+    }
+    inference(b)?;
+    if !b.vgg_sizes.is_empty() {
+        vgg(b)?;
+    }
+    Ok(())
+}
+
+/// One optimizer step of the shipped recipe (CNN 32-64-128 with batch-norm, batch 128, AdamW,
+/// flips): forward, loss, backward, update.
+fn training_step(b: &BenchKernels) -> Result<()> {
+    println!("\n[training step] shipped CNN recipe, batch 128 (forward + backward + AdamW)");
+    let dev = Device::Cpu;
+    let rows: Vec<usize> = (0..128).map(|i| i % b.data.len()).collect();
+    for (label, stock) in [
+        ("candle stock conv2d/max_pool2d (NCHW)", true),
+        (
+            "fmnist kernels (NHWC im2col+GEMM, fused BN+ReLU, pool)",
+            false,
+        ),
+    ] {
+        let model = Cnn::new(CnnConfig::default(), &mut loader::rng(1, 1), &dev)?;
+        let mut opt = AdamW::new(model.params(), AdamWConfig::default())?;
+        let mut r = loader::rng(1, 2);
+        let times = timed(b.seconds, 3, || {
+            let batch =
+                loader::make_batch(b.data, &rows, model.layout(), Augment::Flip, &mut r, &dev)?;
+            let logits = model.forward_with(&batch.images, Some(&mut r), stock)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
+            let grads = loss.backward()?;
+            opt.step(model.params(), &grads, 1e-3)?;
+            Ok(())
+        })?;
+        println!(
+            "  {label:<58} {:>8.0} img/s",
+            per_second(&times, rows.len())
+        );
+    }
+    Ok(())
+}
+
+/// The ONNX model through candle-onnx and through the planned executor.
+fn inference(b: &BenchKernels) -> Result<()> {
+    println!(
+        "\n[inference] {} (preprocessing included)",
+        b.model.display()
+    );
+    for (label, engine) in [
+        ("candle-onnx simple_eval", Engine::CandleOnnx),
+        ("fmnist planned executor", Engine::Auto),
+    ] {
+        let m = OnnxModel::load(b.model)?.with_engine(engine);
+        if engine == Engine::Auto && !m.engine_description().starts_with("planned") {
+            println!("  {label:<30} {}", m.engine_description());
+            continue;
+        }
+        let batch = images(b.data, 64);
+        let t64 = timed(b.seconds, 3, || {
+            m.logits_for_pixels(&batch)?;
+            Ok(())
+        })?;
+        let one = images(b.data, 1);
+        let mut t1 = timed(b.seconds, 20, || {
+            m.logits_for_pixels(&one)?;
+            Ok(())
+        })?;
+        println!(
+            "  {label:<30} batch 64: {:>8.0} img/s   batch 1: p50 {:>7.1} µs  p99 {:>7.1} µs",
+            per_second(&t64, 64),
+            percentile(&mut t1, 0.5).as_secs_f64() * 1e6,
+            percentile(&mut t1, 0.99).as_secs_f64() * 1e6,
+        );
+        if let (Engine::Auto, Some(plan)) = (engine, m.plan()) {
+            // Where the time goes: each step's share, median of 50 runs, batch 64 and 1.
+            for n in [64, 1] {
+                let imgs = images(b.data, n);
+                let x = fmnist::preprocess::batch_from_pixels(&imgs, m.layout(), &Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let runs: Vec<_> = (0..50).map(|_| plan.profile(&x, n)).collect();
+                let mut parts = Vec::new();
+                for i in 0..runs[0].len() {
+                    let mut t: Vec<Duration> = runs.iter().map(|r| r[i].1).collect();
+                    parts.push(format!(
+                        "{} {:.0}µs",
+                        runs[0][i].0,
+                        percentile(&mut t, 0.5).as_secs_f64() * 1e6
+                    ));
+                }
+                println!("    batch {n:>2} steps: {}", parts.join(" | "));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// VGG16 (deterministic formula weights; speed does not depend on the values) up to fc7:
+/// candle's stock NCHW ops, fmnist's candle kernels (the training path), and the exported
+/// ONNX graph through the planned executor (the serving path, with a 10-class head).
+fn vgg(b: &BenchKernels) -> Result<()> {
+    let dev = Device::Cpu;
+    for &size in b.vgg_sizes {
+        println!("\n[VGG16 {size}x{size}] images/s, batch 8 (resize + replication + normalisation included)");
+        let backbone = || {
+            Vgg16::from_tensors(
+                formula_tensors(VggConfig::VGG16),
+                VggConfig::VGG16,
+                Path::new("formula weights"),
+            )
+        };
+        let vgg = backbone()?;
+        let layout = InputLayout::Rgb { size };
+        let batch = images(b.data, 8);
+        let x = fmnist::preprocess::batch_from_pixels(&batch, layout, &dev)?;
+        let stock = timed(b.seconds, 1, || {
+            let n = Vgg16::normalize(&x)?;
+            let f = vgg.features_stock(&n)?;
+            let pooled = crate::models::vgg::adaptive_avg_pool(&f, 7)?.flatten_from(1)?;
+            vgg.fc7(&pooled)?;
+            Ok(())
+        })?;
+        println!(
+            "  {:<58} {:>8.2} img/s",
+            "candle stock conv2d (NCHW)",
+            per_second(&stock, 8)
+        );
+        let ours = timed(b.seconds, 1, || {
+            transfer::backbone_features(&vgg, HeadMode::Last, &x)?;
+            Ok(())
+        })?;
+        println!(
+            "  {:<58} {:>8.2} img/s",
+            "fmnist candle kernels (NHWC, training path)",
+            per_second(&ours, 8)
+        );
+        let head = Head::new(
+            HeadConfig {
+                mode: HeadMode::Last,
+                hidden: 256,
+                dropout: 0.0,
+            },
+            4096,
+            &mut loader::rng(1, 3),
+            &dev,
+        )?;
+        let model = Transfer {
+            backbone: backbone()?,
+            head,
+            input_size: size,
+        };
+        let spec = GraphSpec {
+            name: "vgg16-bench".into(),
+            input: layout,
+            num_classes: NUM_CLASSES,
+            layers: model.export_layers()?,
+            metadata: vec![],
+        };
+        let proto = writer::build_model(&spec)?;
+        let onnx = OnnxModel::from_proto(PathBuf::from("vgg16-bench.onnx"), proto, 0)
+            .context("planning the VGG16 graph")?;
+        drop(model);
+        let planned = timed(b.seconds, 1, || {
+            onnx.logits_for_pixels(&batch)?;
+            Ok(())
+        })?;
+        println!(
+            "  {:<58} {:>8.2} img/s",
+            format!("fmnist planned executor ({})", onnx.engine_description()),
+            per_second(&planned, 8)
+        );
+    }
+    Ok(())
+}
