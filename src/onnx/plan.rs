@@ -26,6 +26,8 @@ use std::collections::HashMap;
 /// Multiply-accumulates below which a step runs on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1_000_000;
 thread_local! {
+    /// Per-thread zero-padded input images of a fused convolution + pool.
+    static PAD_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread convolution output awaiting its fused max-pool.
     static MAP_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -803,30 +805,11 @@ fn chunk_rows(k: usize) -> usize {
 impl Conv {
     /// The input padded with zeros (channels-last, per image), or the input itself when the
     /// convolution has no padding, and where each output row's values lie in it.
-    fn windows<'x>(&self, x: &'x [f32], n: usize) -> (std::borrow::Cow<'x, [f32]>, Windows) {
-        let (h, w, c, p, s) = (self.inp.0, self.inp.1, self.cin, self.pad, self.stride);
-        let (hp, wp) = (h + 2 * p, w + 2 * p);
-        let src = if p == 0 {
-            std::borrow::Cow::Borrowed(x)
-        } else {
-            let mut padded = vec![0f32; n * hp * wp * c];
-            let pad_image = |(img, dst): (&[f32], &mut [f32])| {
-                for y in 0..h {
-                    let at = ((y + p) * wp + p) * c;
-                    dst[at..at + w * c].copy_from_slice(&img[y * w * c..(y + 1) * w * c]);
-                }
-            };
-            let pairs = x
-                .chunks_exact(h * w * c)
-                .zip(padded.chunks_exact_mut(hp * wp * c));
-            if n > 1 && n * h * w * c >= 1 << 18 {
-                pairs.par_bridge().for_each(pad_image);
-            } else {
-                pairs.for_each(pad_image);
-            }
-            std::borrow::Cow::Owned(padded)
-        };
-        let win = Windows {
+    /// Where each output row's input values lie in a zero-padded batch (see [`Windows`]).
+    fn windows(&self) -> Windows {
+        let (c, p, s) = (self.cin, self.pad, self.stride);
+        let (hp, wp) = (self.inp.0 + 2 * p, self.inp.1 + 2 * p);
+        Windows {
             ohw: self.out.0 * self.out.1,
             ow: self.out.1,
             img_stride: hp * wp * c,
@@ -835,8 +818,45 @@ impl Conv {
             segs: self.k,
             seg_len: self.k * c,
             seg_stride: wp * c,
-        };
-        (src, win)
+        }
+    }
+
+    /// Copies images into `dst` (`images × padded size`, borders already zero or zeroed here
+    /// when `clear`).
+    fn pad_into(&self, x: &[f32], dst: &mut [f32], clear: bool) {
+        let (h, w, c, p) = (self.inp.0, self.inp.1, self.cin, self.pad);
+        let wp = w + 2 * p;
+        if clear {
+            dst.fill(0.0);
+        }
+        for (img, d) in x
+            .chunks_exact(h * w * c)
+            .zip(dst.chunks_exact_mut((h + 2 * p) * wp * c))
+        {
+            for y in 0..h {
+                let at = ((y + p) * wp + p) * c;
+                d[at..at + w * c].copy_from_slice(&img[y * w * c..(y + 1) * w * c]);
+            }
+        }
+    }
+
+    /// The whole batch zero-padded (or the input itself without padding).
+    fn padded_batch<'x>(&self, x: &'x [f32], n: usize) -> std::borrow::Cow<'x, [f32]> {
+        if self.pad == 0 {
+            return std::borrow::Cow::Borrowed(x);
+        }
+        let per_in = self.inp.0 * self.inp.1 * self.cin;
+        let per_pad = self.windows().img_stride;
+        let mut padded = vec![0f32; n * per_pad];
+        if n > 1 && n * per_in >= 1 << 18 {
+            padded
+                .par_chunks_mut(per_pad)
+                .enumerate()
+                .for_each(|(b, d)| self.pad_into(&x[b * per_in..(b + 1) * per_in], d, false));
+        } else {
+            self.pad_into(x, &mut padded, false);
+        }
+        std::borrow::Cow::Owned(padded)
     }
 
     fn rows_into(&self, src: &[f32], win: &Windows, r0: usize, rows: usize, out: &mut [f32]) {
@@ -849,8 +869,7 @@ impl Conv {
         let kk = self.k * self.k * self.cin;
         let threads = rayon::current_num_threads().max(1);
         let parallel = m * kk * self.cout >= PARALLEL_MIN_MACS;
-        let (src, win) = self.windows(x, n);
-        let src: &[f32] = &src;
+        let win = self.windows();
         if let Some(p) = &self.pool {
             // Whole images per task: each image's map is pooled while it is still in cache,
             // and only the pooled map is written out.
@@ -862,21 +881,37 @@ impl Conv {
             } else {
                 imgs
             };
+            let per_in = self.inp.0 * self.inp.1 * self.cin;
             let work = |(ci, out): (usize, &mut [f32])| {
                 let (b0, nb) = (ci * imgs, out.len() / per_out);
-                MAP_SCRATCH.with_borrow_mut(|map| {
-                    let len = nb * oh * ow * self.cout;
-                    if map.len() < len {
-                        map.resize(len, 0.0);
-                    }
-                    let map = &mut map[..len];
-                    self.rows_into(src, &win, b0 * oh * ow, nb * oh * ow, map);
-                    for (img, o) in map
-                        .chunks_exact(oh * ow * self.cout)
-                        .zip(out.chunks_exact_mut(per_out))
-                    {
-                        max_pool_image(img, (oh, ow, self.cout), p.k, p.stride, p.out, o);
-                    }
+                let x = &x[b0 * per_in..(b0 + nb) * per_in];
+                // These images padded in this thread's buffer (in cache for the convolution
+                // that follows), then convolved and pooled.
+                PAD_SCRATCH.with_borrow_mut(|padded| {
+                    MAP_SCRATCH.with_borrow_mut(|map| {
+                        let src: &[f32] = if self.pad == 0 {
+                            x
+                        } else {
+                            let len = nb * win.img_stride;
+                            if padded.len() < len {
+                                padded.resize(len, 0.0);
+                            }
+                            self.pad_into(x, &mut padded[..len], true);
+                            &padded[..len]
+                        };
+                        let len = nb * oh * ow * self.cout;
+                        if map.len() < len {
+                            map.resize(len, 0.0);
+                        }
+                        let map = &mut map[..len];
+                        self.rows_into(src, &win, 0, nb * oh * ow, map);
+                        for (img, o) in map
+                            .chunks_exact(oh * ow * self.cout)
+                            .zip(out.chunks_exact_mut(per_out))
+                        {
+                            max_pool_image(img, (oh, ow, self.cout), p.k, p.stride, p.out, o);
+                        }
+                    });
                 });
             };
             if parallel && n > 1 {
@@ -886,6 +921,8 @@ impl Conv {
             }
             return y;
         }
+        let src = self.padded_batch(x, n);
+        let src: &[f32] = &src;
         let mut y = vec![0f32; m * self.cout];
         // At least one chunk per thread, even for one image.
         let rows_per = if parallel {
