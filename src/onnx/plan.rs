@@ -248,6 +248,32 @@ impl Plan {
         })
     }
 
+    /// Plans a whole in-memory model (weights still in its initializers) for inputs of
+    /// `layout`, whatever its output width: used for feature extractors, whose output is not
+    /// the 10 classes [`super::OnnxModel`] insists on.
+    pub fn from_model_proto(proto: &onnx::ModelProto, layout: InputLayout) -> Result<Plan, String> {
+        let graph = proto.graph.as_ref().ok_or("the model has no graph")?;
+        let mut weights = Vec::with_capacity(graph.initializer.len());
+        for t in &graph.initializer {
+            let tensor = candle_onnx::eval::get_tensor(t, &t.name)
+                .map_err(|e| format!("initializer '{}': {e}", t.name))?;
+            weights.push((t.name.clone(), tensor));
+        }
+        let init: Vec<&str> = weights.iter().map(|(n, _)| n.as_str()).collect();
+        let input = graph
+            .input
+            .iter()
+            .find(|i| !init.contains(&i.name.as_str()))
+            .ok_or("the graph has no input")?;
+        let output = graph.output.first().ok_or("the graph has no output")?;
+        Plan::new(graph, &weights, &input.name, &output.name, layout)
+    }
+
+    /// Values per image the plan writes.
+    pub fn output_len(&self) -> usize {
+        self.outputs
+    }
+
     /// Values per image the plan reads.
     pub fn input_len(&self) -> usize {
         self.input.len()

@@ -638,10 +638,19 @@ fn cmd_bench_vgg(a: BenchVggArgs) -> Result<()> {
     let rows: Vec<usize> = (0..a.images.max(1)).map(|i| i % d.len()).collect();
     for &size in &a.sizes {
         let layout = fmnist::InputLayout::Rgb { size };
+        // What `train --model vgg16` runs: the planned executor where it applies.
+        let plan = transfer::backbone_plan(&vgg, HeadMode::Last, size);
         let run = |chunk: &[usize]| -> Result<()> {
             let images: Vec<&[u8]> = chunk.iter().map(|&i| d.image(i)).collect();
             let x = fmnist::preprocess::batch_from_pixels(&images, layout, &dev)?;
-            transfer::backbone_features(&vgg, HeadMode::Last, &x)?;
+            match &plan {
+                Some(p) => {
+                    p.run(&models::flat(&x)?, images.len())?;
+                }
+                None => {
+                    transfer::backbone_features(&vgg, HeadMode::Last, &x)?;
+                }
+            }
             Ok(())
         };
         run(&rows[..a.batch.min(rows.len())])?; // warm-up
@@ -651,10 +660,11 @@ fn cmd_bench_vgg(a: BenchVggArgs) -> Result<()> {
         }
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "features {size:>3}x{size:<3} {:>8.1} img/s  {:>8.1} ms/img  ({} images, preprocessing + 13 convs + fc6/fc7)",
+            "features {size:>3}x{size:<3} {:>8.1} img/s  {:>8.1} ms/img  ({} images, preprocessing + 13 convs + fc6/fc7, {})",
             rows.len() as f64 / secs,
             secs * 1000.0 / rows.len() as f64,
-            rows.len()
+            rows.len(),
+            if plan.is_some() { "planned executor" } else { "candle" }
         );
     }
     // Head training reads cached features and the labels only (never the images); its cost

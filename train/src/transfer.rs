@@ -21,7 +21,8 @@ use crate::models::{dropout, flat, Classifier, Params};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use fmnist::onnx::Layer;
+use fmnist::onnx::plan::Plan;
+use fmnist::onnx::{GraphSpec, Layer};
 use fmnist::preprocess::{InputLayout, IMAGENET_MEAN, IMAGENET_STD};
 use fmnist::NUM_CLASSES;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -184,7 +185,24 @@ impl Classifier for Transfer {
     }
 
     fn export_layers(&self) -> candle_core::Result<Vec<Layer>> {
-        let vgg = &self.backbone;
+        let mut layers = backbone_layers(&self.backbone, self.head.config.mode, self.input_size)?;
+        layers.extend(
+            self.head
+                .export_layers()
+                .map_err(candle_core::Error::wrap)?,
+        );
+        Ok(layers)
+    }
+}
+
+/// The frozen part as ONNX layers: ImageNet normalisation, the 13 convolutions and pools, then
+/// fc6/fc7 (`last`) or global average pooling (`mlp`) — what [`backbone_features`] computes.
+fn backbone_layers(
+    vgg: &Vgg16,
+    mode: HeadMode,
+    input_size: usize,
+) -> candle_core::Result<Vec<Layer>> {
+    {
         let mut layers = vec![Layer::Normalize {
             mean: IMAGENET_MEAN.to_vec(),
             std: IMAGENET_STD.to_vec(),
@@ -209,8 +227,8 @@ impl Classifier for Transfer {
                 stride: 2,
             });
         }
-        let side = Vgg16::feature_side(self.input_size);
-        match self.head.config.mode {
+        let side = Vgg16::feature_side(input_size);
+        match mode {
             HeadMode::Last => {
                 layers.push(Layer::AdaptiveAvgPool2d {
                     in_h: side,
@@ -242,13 +260,27 @@ impl Classifier for Transfer {
                 layers.push(Layer::Flatten);
             }
         }
-        layers.extend(
-            self.head
-                .export_layers()
-                .map_err(candle_core::Error::wrap)?,
-        );
         Ok(layers)
     }
+}
+
+/// The backbone through fmnist's planned executor (the serving kernels: convolution windows
+/// read in place, AVX-512 where present), about 2.5–3× faster than running it through candle
+/// on the CPU. `None` off the CPU, or if the planner refuses the graph.
+pub fn backbone_plan(vgg: &Vgg16, mode: HeadMode, input_size: usize) -> Option<Plan> {
+    if !vgg.device().is_cpu() {
+        return None;
+    }
+    let layout = InputLayout::Rgb { size: input_size };
+    let spec = GraphSpec {
+        name: "vgg16-backbone".into(),
+        input: layout,
+        num_classes: feature_dim(vgg, mode),
+        layers: backbone_layers(vgg, mode, input_size).ok()?,
+        metadata: vec![],
+    };
+    let proto = fmnist::onnx::writer::build_model(&spec).ok()?;
+    Plan::from_model_proto(&proto, layout).ok()
 }
 
 /// Hex SHA-256 of a file (the weights' identity in the cache key).
@@ -299,6 +331,7 @@ pub fn cached_features(
     let mut last_line = Instant::now();
     let dev = vgg.device().clone();
     let mut first = None;
+    let plan = backbone_plan(vgg, mode, input_size);
     let feats = features::load_or_build(
         &path,
         &key,
@@ -306,7 +339,10 @@ pub fn cached_features(
         |start, end| {
             let images: Vec<&[u8]> = (start..end).map(|i| data.image(i)).collect();
             let x = fmnist::preprocess::batch_from_pixels(&images, layout, &dev)?;
-            Ok(flat(&backbone_features(vgg, mode, &x)?)?)
+            match &plan {
+                Some(p) => Ok(p.run(&flat(&x)?, images.len())?),
+                None => Ok(flat(&backbone_features(vgg, mode, &x)?)?),
+            }
         },
         |done| {
             let first_row = *first.get_or_insert(done);
@@ -556,6 +592,9 @@ mod tests {
         let dev = Device::Cpu;
         let vgg = backbone();
         let before = snapshot(&vgg);
+        // On the CPU the features come from the planned executor; below they are checked
+        // against candle's forward pass.
+        assert!(backbone_plan(&vgg, mode, 32).is_some());
         let dir = tempfile::tempdir().unwrap();
         let feats = cached_features(
             &vgg,
