@@ -141,7 +141,7 @@ MIN_ACCURACY ?= 0.92
 check-shipped:
 	$(TRAIN) eval --model $(MODEL) --data data/fashion-mnist_test.csv --min-accuracy $(MIN_ACCURACY) --json target/shipped-eval.json
 
-# An independent runtime (onnxruntime from PyPI) must agree with candle-onnx on our files.
+# An independent runtime (onnxruntime from PyPI) must agree with fmnist's runtime on our files.
 $(VENV)/.ok: scripts/requirements.txt
 	python3 -m venv $(VENV) || (apt-get install -y -qq python3-venv >/dev/null && python3 -m venv $(VENV))
 	$(VENV)/bin/pip install -q -r scripts/requirements.txt

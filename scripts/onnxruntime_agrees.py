@@ -1,5 +1,6 @@
-"""Checks that onnxruntime, an independent ONNX runtime, agrees with candle-onnx on a model
-file written by fmnist: same argmax on every image and logits within 1e-4 (relative to the
+"""Checks that onnxruntime, an independent ONNX runtime, agrees with fmnist's runtime (the
+planned executor, or candle-onnx for graphs it does not plan; the logits come from
+`fmnist-train eval`) on a model file written by fmnist: same argmax on every image and logits within 1e-4 (relative to the
 logits' scale when that is above 1). 3-channel models get the same resize, done here in numpy.
 
 usage: onnxruntime_agrees.py MODEL.onnx DATA.csv CANDLE_LOGITS.json
@@ -59,9 +60,9 @@ def main() -> int:
             passed += 1
         else:
             failed += 1
-            print(f"image {i}: onnxruntime {ours[i].argmax()} vs candle {theirs[i].argmax()}, "
+            print(f"image {i}: onnxruntime {ours[i].argmax()} vs fmnist {theirs[i].argmax()}, "
                   f"max |diff| {np.abs(ours[i] - theirs[i]).max():.2e}")
-    print(f"onnxruntime {ort.__version__} vs candle-onnx on {model}: "
+    print(f"onnxruntime {ort.__version__} vs fmnist on {model}: "
           f"max |logit diff| {np.abs(ours - theirs).max():.2e}")
     print(f"onnxruntime: {passed} passed, {failed} failed")
     return 0 if failed == 0 else 1
