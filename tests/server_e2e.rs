@@ -168,11 +168,16 @@ fn batching_never_changes_an_answer() {
         .iter()
         .map(|img| post(&s, "/predict", &json!({ "image": image_json(img) })).json())
         .collect();
+    // All 24 requests leave together, so that they overlap in the queue however slow the
+    // machine is.
+    let start = std::sync::Arc::new(std::sync::Barrier::new(24));
     let handles: Vec<_> = (0..24)
         .map(|i| {
             let addr = s.addr.clone();
             let body = json!({ "image": image_json(&images[i]) }).to_string();
+            let start = std::sync::Arc::clone(&start);
             std::thread::spawn(move || {
+                start.wait();
                 let r = post_to(&addr, "/predict", &body);
                 assert_eq!(r.status, 200);
                 r.json()
@@ -411,11 +416,16 @@ fn full_queue_answers_503_with_retry_after() {
     let (images, _) = fixture();
     let batch: Vec<Value> = images.iter().take(256).map(|i| image_json(i)).collect();
     let body = json!({ "images": batch }).to_string();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(12));
     let handles: Vec<_> = (0..12)
         .map(|_| {
             let addr = s.addr.clone();
             let body = body.clone();
-            std::thread::spawn(move || post_to(&addr, "/predict", &body))
+            let start = std::sync::Arc::clone(&start);
+            std::thread::spawn(move || {
+                start.wait();
+                post_to(&addr, "/predict", &body)
+            })
         })
         .collect();
     let results: Vec<Raw> = handles.into_iter().map(|h| h.join().unwrap()).collect();
