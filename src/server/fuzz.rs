@@ -2,7 +2,7 @@
 //! and the preprocessing those pixels go through. Case counts follow `PROPTEST_CASES`
 //! (256 by default; `make fuzz` runs many more for a bounded time).
 
-use super::api::{parse_infer, parse_json, parse_predict};
+use super::api::{fast_single_image, parse_infer, parse_json, parse_predict};
 use super::error::ApiError;
 use crate::preprocess::{batch_from_unit, resize_bilinear, InputLayout};
 use candle_core::Device;
@@ -76,6 +76,34 @@ proptest! {
         prop_assert_eq!(req.n, 1);
         for (got, p) in req.pixels.iter().zip(&pixels) {
             prop_assert_eq!(*got, (*p as f64 / 255.0) as f32);
+        }
+    }
+
+    /// The fast path for `{"image":[...]}` never accepts what the general parser refuses, and
+    /// gives the same pixels when it accepts: checked on mutations of a valid body (a byte
+    /// changed, inserted or removed anywhere).
+    #[test]
+    fn fast_path_never_disagrees_with_the_general_parser(
+        pixels in proptest::collection::vec(0u8..=255, 784),
+        at in any::<prop::sample::Index>(),
+        byte in prop::sample::select(b" ,:[]{}\".0123456789-e+imagex\n".to_vec()),
+        how in 0u8..4,
+    ) {
+        let list: Vec<String> = pixels.iter().map(|p| p.to_string()).collect();
+        let mut body = format!("{{\"image\":[{}]}}", list.join(",")).into_bytes();
+        let i = at.index(body.len());
+        match how {
+            0 => body[i] = byte,
+            1 => body.insert(i, byte),
+            2 => { body.remove(i); }
+            _ => {}
+        }
+        if let Some(fast) = fast_single_image(&body) {
+            let slow = parse_json(&body).and_then(|j| parse_predict(&j, 8));
+            prop_assert!(slow.is_ok(), "fast path accepted what the parser refuses: {:?}", slow.err());
+            let slow = slow.unwrap();
+            prop_assert!(slow.single && slow.n == 1);
+            prop_assert_eq!(fast, slow.pixels);
         }
     }
 

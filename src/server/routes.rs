@@ -222,7 +222,14 @@ async fn dispatch(
         Route::Predict => {
             let arriving = state.batcher.arriving()?;
             let body = read_json(req, state.config.max_body_bytes).await?;
-            let parsed = api::parse_predict(&api::parse_json(&body)?, state.config.max_images)?;
+            let parsed = match api::fast_single_image(&body) {
+                Some(pixels) => api::PredictRequest {
+                    pixels,
+                    n: 1,
+                    single: true,
+                },
+                None => api::parse_predict(&api::parse_json(&body)?, state.config.max_images)?,
+            };
             let logits = state
                 .batcher
                 .infer(arriving, parsed.pixels, parsed.n)
