@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Soak test: drives POST /predict at the server's capacity (wrk, 32 keep-alive connections,
 # closed loop) for DURATION, then checks: no errors or non-2xx answers, and resident memory at
-# the end within 5 % of what it was at the start. RSS is sampled every 2 s and moves by a few
-# MB from one sample to the next (allocator caches), so "start" and "end" are the medians of
-# the first and last fifth of the samples.
+# the end within 5 % of what it was at the start, or within SOAK_SLACK_KB (default 12 MiB) of
+# it. RSS is sampled every 2 s and moves by several MB from one sample to the next (mimalloc's
+# per-thread caches; ±12 % of a ~45 MB process was seen at a flat average), so "start" and "end"
+# are the medians of the first and last fifth of the samples, and a short run needs the absolute
+# slack: a leak of 100 bytes per request still exceeds it within 45 s at 5,000 req/s, and the
+# 10-minute soak (make soak) holds the 5 % bound over ~3.5 million requests.
 # usage: soak.sh SERVE_BINARY MODEL ADDR DURATION      (DURATION as wrk takes it: 45s, 10m)
 set -euo pipefail
 bin=$1 model=$2 addr=$3 duration=$4
@@ -37,6 +40,8 @@ echo "soak result: ${rps} req/s, p99 ${p99}, non-2xx ${non2xx}, socket-error lin
 fail=0
 [ "$non2xx" = 0 ] || { echo "soak FAILED: $non2xx non-2xx answers"; fail=1; }
 [ "$sock" = 0 ] || { echo "soak FAILED: socket errors"; fail=1; }
-awk -v g="$growth" 'BEGIN {exit !(g <= 5.0)}' || { echo "soak FAILED: RSS grew ${growth} % (> 5 %)"; fail=1; }
+slack=${SOAK_SLACK_KB:-12288}
+awk -v g="$growth" -v a="$rss_start" -v b="$rss_end" -v s="$slack" 'BEGIN {exit !(g <= 5.0 || b - a <= s)}' ||
+  { echo "soak FAILED: RSS grew ${growth} % (> 5 %) and $((rss_end - rss_start)) kB (> ${slack} kB)"; fail=1; }
 [ $fail = 0 ] && echo "soak passed"
 exit $fail
