@@ -100,7 +100,18 @@ pub fn matmul_bias_act(
     if let Some(panels) = &b.panels {
         // SAFETY: panels exist only when the CPU has AVX-512F (checked in PackedB::new), and
         // the asserts above bound every access the kernel makes.
-        unsafe { avx512::matmul(a, m, k, n, panels, bias, relu, out) };
+        // A plain row-major matrix is the degenerate window: one run of k values per row.
+        let rows = Windows {
+            ohw: usize::MAX,
+            ow: 1,
+            img_stride: 0,
+            row_step: k,
+            col_step: 0,
+            segs: 1,
+            seg_len: k,
+            seg_stride: 0,
+        };
+        unsafe { avx512::conv(a, &rows, 0, m, n, panels, bias, relu, out) };
         return;
     }
     sgemm(m, k, n, a, &b.plain, out);
@@ -252,44 +263,7 @@ mod avx512 {
     use super::{Windows, MR, NR};
     use std::arch::x86_64::*;
 
-    /// One block: `R` rows × `P` panels of 16 columns.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const R: usize, const P: usize>(
-        a: *const f32,
-        k: usize,
-        panel: *const f32,
-        bias: *const f32,
-        relu: bool,
-        c: *mut f32,
-        n: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); P]; R];
-        for r in 0..k {
-            let mut b = [_mm512_setzero_ps(); P];
-            for (p, b) in b.iter_mut().enumerate() {
-                *b = _mm512_loadu_ps(panel.add((p * k + r) * NR));
-            }
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(*a.add(i * k + r));
-                for p in 0..P {
-                    acc[p] = _mm512_fmadd_ps(x, b[p], acc[p]);
-                }
-            }
-        }
-        let zero = _mm512_setzero_ps();
-        for (i, acc) in acc.iter().enumerate() {
-            for (p, v) in acc.iter().enumerate() {
-                let mut v = _mm512_add_ps(*v, _mm512_loadu_ps(bias.add(p * NR)));
-                if relu {
-                    v = _mm512_max_ps(v, zero);
-                }
-                _mm512_storeu_ps(c.add(i * n + p * NR), v);
-            }
-        }
-    }
-
-    /// One block of a convolution: `R` rows read in place through `Windows`.
+    /// One block: `R` rows (read in place through `Windows`) × `P` panels of 16 columns.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn conv_block<const R: usize, const P: usize>(
@@ -385,61 +359,6 @@ mod avx512 {
                     go!(2);
                 } else {
                     go!(1);
-                }
-                i += r;
-            }
-            j += pp;
-        }
-    }
-
-    macro_rules! rows {
-        ($r:expr, $p:literal, $($args:expr),*) => {
-            match $r {
-                12 => block::<12, $p>($($args),*),
-                11 => block::<11, $p>($($args),*),
-                10 => block::<10, $p>($($args),*),
-                9 => block::<9, $p>($($args),*),
-                8 => block::<8, $p>($($args),*),
-                7 => block::<7, $p>($($args),*),
-                6 => block::<6, $p>($($args),*),
-                5 => block::<5, $p>($($args),*),
-                4 => block::<4, $p>($($args),*),
-                3 => block::<3, $p>($($args),*),
-                2 => block::<2, $p>($($args),*),
-                _ => block::<1, $p>($($args),*),
-            }
-        };
-    }
-
-    /// See [`super::matmul_bias_act`]; `panels` as [`super::PackedB`] lays them out.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn matmul(
-        a: &[f32],
-        m: usize,
-        k: usize,
-        n: usize,
-        panels: &[f32],
-        bias: &[f32],
-        relu: bool,
-        out: &mut [f32],
-    ) {
-        let np = n / NR;
-        let mut j = 0;
-        // Column pairs outermost: their packed weights stay in L1/L2 while the rows stream.
-        while j < np {
-            let pp = if np - j >= 2 { 2 } else { 1 };
-            let panel = panels.as_ptr().add(j * k * NR);
-            let b = bias.as_ptr().add(j * NR);
-            let mut i = 0;
-            while i < m {
-                let r = (m - i).min(MR);
-                let a = a.as_ptr().add(i * k);
-                let c = out.as_mut_ptr().add(i * n + j * NR);
-                if pp == 2 {
-                    rows!(r, 2, a, k, panel, b, relu, c, n);
-                } else {
-                    rows!(r, 1, a, k, panel, b, relu, c, n);
                 }
                 i += r;
             }
