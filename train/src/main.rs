@@ -149,9 +149,9 @@ struct TrainArgs {
     /// vgg16: images per backbone forward pass during feature extraction.
     #[arg(long, default_value_t = 16)]
     extract_batch: usize,
-    /// Passes over the training data.
-    #[arg(long, default_value_t = 18)]
-    epochs: usize,
+    /// Passes over the training data [default: 24 for cnn, 18 for vgg16].
+    #[arg(long)]
+    epochs: Option<usize>,
     /// Images per optimisation step.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
@@ -164,8 +164,8 @@ struct TrainArgs {
     /// Length of the learning-rate warm-up, in epochs.
     #[arg(long, default_value_t = 0.5)]
     warmup_epochs: f64,
-    /// Training-time augmentation.
-    #[arg(long, value_enum, default_value_t = loader::Augment::Flip)]
+    /// Training-time augmentation (cnn; vgg16 trains on cached features of the plain images).
+    #[arg(long, value_enum, default_value_t = loader::Augment::FlipShift)]
     augment: loader::Augment,
     /// Label smoothing: share of each target spread evenly over the ten classes.
     #[arg(long, default_value_t = 0.0)]
@@ -178,11 +178,11 @@ struct TrainArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Width of the first and second convolution and of the hidden layer.
-    #[arg(long, default_values_t = [32, 64, 128], num_args = 3, value_names = ["C1", "C2", "HIDDEN"])]
+    #[arg(long, default_values_t = [32, 96, 128], num_args = 3, value_names = ["C1", "C2", "HIDDEN"])]
     cnn_sizes: Vec<usize>,
-    /// Dropout before the output layer.
-    #[arg(long, default_value_t = 0.3)]
-    dropout: f32,
+    /// Dropout before the output layer [default: 0.1 for cnn, 0.3 for the vgg16 head].
+    #[arg(long)]
+    dropout: Option<f32>,
     /// Continue the interrupted run whose checkpoint sits beside --out.
     #[arg(long)]
     resume: bool,
@@ -290,9 +290,11 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             conv1: a.cnn_sizes[0],
             conv2: a.cnn_sizes[1],
             hidden: a.cnn_sizes[2],
-            dropout: a.dropout,
+            dropout: a
+                .dropout
+                .unwrap_or(models::cnn::CnnConfig::default().dropout),
         },
-        epochs: a.epochs,
+        epochs: a.epochs.unwrap_or(train::CNN_EPOCHS),
         batch_size: a.batch_size,
         lr: a.lr,
         weight_decay: a.weight_decay,
@@ -443,10 +445,10 @@ fn cmd_train_vgg(a: TrainArgs) -> Result<()> {
         head: transfer::HeadConfig {
             mode: a.head,
             hidden: a.head_hidden,
-            dropout: a.dropout,
+            dropout: a.dropout.unwrap_or(0.3),
         },
         input_size: a.input_size,
-        epochs: a.epochs,
+        epochs: a.epochs.unwrap_or(18),
         batch_size: a.batch_size,
         lr: a.lr,
         weight_decay: a.weight_decay,

@@ -1,7 +1,7 @@
 //! AdamW with its state in the open, so checkpoints can store the moments and a resumed run
 //! continues exactly where it stopped (candle-nn's AdamW keeps them private).
 
-use crate::models::Params;
+use crate::models::{flat, Params};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 use std::collections::HashMap;
@@ -63,6 +63,41 @@ impl AdamW {
             // step's graph to the next one and grow memory without bound.
             self.m[i] = m.detach();
             self.v[i] = v.detach();
+        }
+        Ok(())
+    }
+
+    /// The same update with the gradients given as flat vectors in `params.vars()` order
+    /// (the CPU training step's output), fused into one pass per parameter.
+    pub fn step_flat(&mut self, params: &Params, grads: &[Vec<f32>], lr: f64) -> Result<()> {
+        assert_eq!(
+            grads.len(),
+            params.vars().len(),
+            "one gradient per parameter"
+        );
+        self.step += 1;
+        let c = self.cfg;
+        let t = self.step as i32;
+        let bc1 = (1.0 - c.beta1.powi(t)) as f32;
+        let bc2 = (1.0 - c.beta2.powi(t)) as f32;
+        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        let decay = (1.0 - lr * c.weight_decay) as f32;
+        let lr = lr as f32;
+        for (i, ((_, var), g)) in params.vars().iter().zip(grads).enumerate() {
+            let mut w = flat(var.as_tensor())?;
+            let mut m = flat(&self.m[i])?;
+            let mut v = flat(&self.v[i])?;
+            assert_eq!(g.len(), w.len(), "gradient size of parameter {i}");
+            for (((w, m), v), g) in w.iter_mut().zip(&mut m).zip(&mut v).zip(g) {
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                let update = (*m / bc1) / ((*v / bc2).sqrt() + eps);
+                *w = *w * decay - lr * update;
+            }
+            let (dev, shape) = (var.device(), var.shape());
+            var.set(&Tensor::from_vec(w, shape, dev)?)?;
+            self.m[i] = Tensor::from_vec(m, shape, dev)?;
+            self.v[i] = Tensor::from_vec(v, shape, dev)?;
         }
         Ok(())
     }

@@ -13,7 +13,7 @@
 //! (y, x, channel) order. Export permutes them to ONNX's `[out, in, 3, 3]` and (channel, y, x).
 
 use super::kernels::{batch_norm_relu_stock, BatchNormRelu, BiasRelu, Im2Col3x3, MaxPool2x2};
-use super::{dropout, flat, Classifier, Params};
+use super::{cnn_step, dropout, flat, Classifier, Params};
 use candle_core::{Device, Result, Tensor, Var};
 use fmnist::onnx::Layer;
 use fmnist::preprocess::{InputLayout, FMNIST_MEAN, FMNIST_STD};
@@ -34,9 +34,9 @@ impl Default for CnnConfig {
     fn default() -> Self {
         Self {
             conv1: 32,
-            conv2: 64,
+            conv2: 96,
             hidden: 128,
-            dropout: 0.3,
+            dropout: 0.1,
         }
     }
 }
@@ -117,14 +117,20 @@ impl ConvBn {
                 batch_norm_relu_stock(rows, &self.gamma, &self.beta, BN_EPS as f64)?;
             (y, mean.detach(), var.detach())
         };
-        // Running averages, with the unbiased variance (as PyTorch keeps them).
+        self.update_running(&mean, &var, m)?;
+        Ok(y)
+    }
+
+    /// Running averages of the batch statistics over `m` rows, with the unbiased variance
+    /// (as PyTorch keeps them).
+    fn update_running(&self, mean: &Tensor, var: &Tensor, m: usize) -> Result<()> {
         let unbiased = (var * (m as f64 / (m.max(2) - 1) as f64))?;
         let k = BN_MOMENTUM as f64;
         self.running_mean
             .set(&((self.running_mean.as_tensor() * (1.0 - k))? + (mean * k)?)?.detach())?;
         self.running_var
             .set(&((self.running_var.as_tensor() * (1.0 - k))? + (unbiased * k)?)?.detach())?;
-        Ok(y)
+        Ok(())
     }
 
     /// Convolution + batch-norm + ReLU in NHWC with fmnist's kernels.
@@ -243,6 +249,51 @@ impl Cnn {
         let xs = self.conv2.forward_nchw(&xs, train)?.max_pool2d(2)?;
         let xs = xs.flatten_from(1)?;
         linear(&xs, &self.fc1_nchw()?, &self.fc1.1)?.relu()
+    }
+
+    /// One training step on the CPU through the hand-written forward and backward pass
+    /// ([`cnn_step`]): returns the mean loss and the gradients in `params().vars()` order,
+    /// and updates the batch-norm running statistics. `r` supplies the dropout mask, as
+    /// `forward_t` would draw it.
+    pub fn cpu_train_step(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        smoothing: f32,
+        r: &mut ChaCha8Rng,
+        ws: &mut cnn_step::Workspace,
+    ) -> Result<(f32, Vec<Vec<f32>>)> {
+        let flat_params = self
+            .params
+            .vars()
+            .iter()
+            .map(|(_, v)| flat(v.as_tensor()))
+            .collect::<Result<Vec<_>>>()?;
+        let images = flat(images)?;
+        let labels = labels.to_vec1::<u32>()?;
+        let batch = cnn_step::Batch {
+            images: &images,
+            labels: &labels,
+            smoothing,
+        };
+        let out = cnn_step::train_step(
+            &self.cfg,
+            &cnn_step::Weights::from_flat(&flat_params),
+            &batch,
+            BN_EPS,
+            r,
+            ws,
+        );
+        let dev = self.conv1.weight.device().clone();
+        for (layer, (m, mean, var)) in [&self.conv1, &self.conv2].into_iter().zip(out.batch_stats) {
+            let c = mean.len();
+            layer.update_running(
+                &Tensor::from_vec(mean, c, &dev)?,
+                &Tensor::from_vec(var, c, &dev)?,
+                m,
+            )?;
+        }
+        Ok((out.loss, out.grads))
     }
 
     pub fn forward_with(

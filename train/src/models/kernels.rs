@@ -241,6 +241,31 @@ fn column_sums(rows: &[f32], c: usize, f: impl Fn(&[f32], &mut [f64]) + Sync) ->
     total
 }
 
+/// Mean and biased variance of each of the `c` columns of `x` (rows of width `c`): per-chunk
+/// f32 sums (vectorised), combined across chunks in f64 and in order, so the result does not
+/// depend on the number of threads.
+pub(super) fn batch_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
+    let m = x.len() / c;
+    let sums = column_sums(x, c, |chunk, acc| {
+        let (mut s1, mut s2) = (vec![0f32; c], vec![0f32; c]);
+        for row in chunk.chunks_exact(c) {
+            for ((a, b), v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
+                *a += v;
+                *b += v * v;
+            }
+        }
+        for i in 0..c {
+            acc[i] += s1[i] as f64;
+            acc[c + i] += s2[i] as f64;
+        }
+    });
+    let mean: Vec<f32> = (0..c).map(|i| (sums[i] / m as f64) as f32).collect();
+    let var: Vec<f32> = (0..c)
+        .map(|i| (sums[c + i] / m as f64 - (sums[i] / m as f64).powi(2)).max(0.0) as f32)
+        .collect();
+    (mean, var)
+}
+
 impl CustomOp3 for BatchNormRelu {
     fn name(&self) -> &'static str {
         "fmnist-batchnorm-relu"
@@ -265,24 +290,7 @@ impl CustomOp3 for BatchNormRelu {
                 self.name()
             );
         }
-        // Per-chunk f32 sums (vectorised), combined across chunks in f64 and in order.
-        let sums = column_sums(x, c, |chunk, acc| {
-            let (mut s1, mut s2) = (vec![0f32; c], vec![0f32; c]);
-            for row in chunk.chunks_exact(c) {
-                for ((a, b), v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
-                    *a += v;
-                    *b += v * v;
-                }
-            }
-            for i in 0..c {
-                acc[i] += s1[i] as f64;
-                acc[c + i] += s2[i] as f64;
-            }
-        });
-        let mean: Vec<f32> = (0..c).map(|i| (sums[i] / m as f64) as f32).collect();
-        let var: Vec<f32> = (0..c)
-            .map(|i| (sums[c + i] / m as f64 - (sums[i] / m as f64).powi(2)).max(0.0) as f32)
-            .collect();
+        let (mean, var) = batch_stats(x, c);
         let scale: Vec<f32> = (0..c)
             .map(|i| gamma[i] / (var[i] + self.eps).sqrt())
             .collect();

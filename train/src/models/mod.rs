@@ -1,6 +1,7 @@
 //! Models that fmnist trains, behind one small trait, and the parameter store they share.
 
 pub mod cnn;
+pub mod cnn_step;
 pub mod kernels;
 pub mod vgg;
 
