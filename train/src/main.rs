@@ -222,6 +222,11 @@ struct EvalArgs {
     /// runtimes.
     #[arg(long)]
     logits_out: Option<PathBuf>,
+    /// Which runtime runs an ONNX model: 'auto' (fmnist's planned executor where the graph
+    /// allows it, as the server does) or 'candle-onnx' (candle-onnx's interpreter, the
+    /// reference the executor is tested against).
+    #[arg(long, value_enum, default_value_t = fmnist::server::config::EngineChoice::Auto)]
+    engine: fmnist::server::config::EngineChoice,
 }
 
 #[derive(Args)]
@@ -547,7 +552,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         .map(|e| e.to_string_lossy().to_lowercase());
     let logits: Vec<Vec<f32>> = match ext.as_deref() {
         Some("onnx") => {
-            let m = OnnxModel::load(&a.model)?;
+            let m = OnnxModel::load(&a.model)?.with_engine(a.engine.into());
             onnx_logits(&m, &d, a.batch_size)?
         }
         Some("safetensors") => {
