@@ -642,6 +642,17 @@ mod tests {
     }
 }
 
+/// A deterministic stream of indices below `m` for the tests (no seed source needed).
+#[cfg(test)]
+fn test_index_stream(mut seed: u64) -> impl FnMut(usize) -> usize {
+    move |m| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 33) as usize) % m
+    }
+}
+
 #[cfg(test)]
 mod conv_tests {
     use super::*;
@@ -650,13 +661,7 @@ mod conv_tests {
     /// direct convolution loop, for odd sizes, strides, kernel sizes and channel counts.
     #[test]
     fn in_place_windows_match_a_direct_convolution() {
-        let mut seed = 3u64;
-        let mut next = |m: usize| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as usize) % m
-        };
+        let mut next = test_index_stream(3);
         for case in 0..40 {
             let (k, s) = (1 + next(4), 1 + next(2));
             let (c, cout) = (1 + next(5), 16 * (1 + next(3)));
@@ -734,13 +739,7 @@ mod outer_sum_tests {
     /// overlapping rows (a row stride smaller than the row), against a float64 loop.
     #[test]
     fn matches_a_float64_loop() {
-        let mut seed = 11u64;
-        let mut next = |m: usize| {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as usize) % m
-        };
+        let mut next = test_index_stream(11);
         for case in 0..60 {
             let k = 1 + next(300);
             let m = 1 + next(40);

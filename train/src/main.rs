@@ -450,10 +450,10 @@ fn cmd_train_vgg(a: TrainArgs) -> Result<()> {
         head: transfer::HeadConfig {
             mode: a.head,
             hidden: a.head_hidden,
-            dropout: a.dropout.unwrap_or(0.3),
+            dropout: a.dropout.unwrap_or(transfer::HEAD_DROPOUT),
         },
         input_size: a.input_size,
-        epochs: a.epochs.unwrap_or(18),
+        epochs: a.epochs.unwrap_or(transfer::HEAD_EPOCHS),
         batch_size: a.batch_size,
         lr: a.lr,
         weight_decay: a.weight_decay,
@@ -695,7 +695,7 @@ fn cmd_bench_vgg(a: BenchVggArgs) -> Result<()> {
             head: transfer::HeadConfig {
                 mode,
                 hidden: 256,
-                dropout: 0.3,
+                dropout: transfer::HEAD_DROPOUT,
             },
             input_size: 224,
             epochs: a.head_epochs.max(1),

@@ -384,6 +384,11 @@ pub fn cached_features(
     Ok(feats)
 }
 
+/// Default epochs of a VGG16 head (`--epochs` when not given).
+pub const HEAD_EPOCHS: usize = 18;
+/// Default dropout of a VGG16 head (`--dropout` when not given).
+pub const HEAD_DROPOUT: f32 = 0.3;
+
 /// Head-training settings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HeadRecipe {

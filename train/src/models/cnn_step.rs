@@ -22,7 +22,7 @@
 //! combined in order, so a step's result does not depend on the number of threads.
 
 use super::cnn::CnnConfig;
-use super::kernels::batch_stats;
+use super::kernels::{batch_stats, ordered_sums};
 use fmnist::onnx::kernels::{conv_bias_act, outer_sum, sgemm_strided, Mat, PackedB, Windows};
 use fmnist::preprocess::{FMNIST_MEAN, FMNIST_STD};
 use fmnist::NUM_CLASSES;
@@ -322,15 +322,9 @@ fn pool_bn_backward(
             (sg_v, sgx_v)
         })
         .collect();
-    let (mut db, mut dg) = (vec![0f64; c], vec![0f64; c]);
-    for (sg, sgx) in &partial {
-        for i in 0..c {
-            db[i] += sg[i] as f64;
-            dg[i] += sgx[i] as f64 * bn.inv[i] as f64;
-        }
-    }
+    let (db, dg) = ordered_sums(&partial, c);
     let dbeta: Vec<f32> = db.iter().map(|v| *v as f32).collect();
-    let dgamma: Vec<f32> = dg.iter().map(|v| *v as f32).collect();
+    let dgamma: Vec<f32> = (0..c).map(|i| (dg[i] * bn.inv[i] as f64) as f32).collect();
     // Pass 2: dz = γ·inv/M · (M·g' − Σg' − x̂·Σg'x̂), with x̂ = (z − μ)·inv, as
     // dz = a·g' + b + e·z per channel, at every position of every window.
     let m = (n * h * w) as f32;

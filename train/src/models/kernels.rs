@@ -241,6 +241,19 @@ fn column_sums(rows: &[f32], c: usize, f: impl Fn(&[f32], &mut [f64]) + Sync) ->
     total
 }
 
+/// Per-chunk pairs of `c` f32 sums (batch-norm's Σg and Σg·x), added in f64 in chunk order
+/// so the totals do not depend on the number of threads.
+pub(super) fn ordered_sums(partial: &[(Vec<f32>, Vec<f32>)], c: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut a, mut b) = (vec![0f64; c], vec![0f64; c]);
+    for (pa, pb) in partial {
+        for i in 0..c {
+            a[i] += pa[i] as f64;
+            b[i] += pb[i] as f64;
+        }
+    }
+    (a, b)
+}
+
 /// Mean and biased variance of each of the `c` columns of `x` (rows of width `c`): per-chunk
 /// f32 sums (vectorised), combined across chunks in f64 and in order, so the result does not
 /// depend on the number of threads.
@@ -351,13 +364,7 @@ impl CustomOp3 for BatchNormRelu {
                             (sg, sgx)
                         })
                         .collect();
-                    let (mut db, mut dg) = (vec![0f64; c], vec![0f64; c]);
-                    for (sg, sgx) in &partial {
-                        for i in 0..c {
-                            db[i] += sg[i] as f64;
-                            dg[i] += sgx[i] as f64;
-                        }
-                    }
+                    let (db, dg) = ordered_sums(&partial, c);
                     let dbeta: Vec<f32> = db.iter().map(|v| *v as f32).collect();
                     let dgamma: Vec<f32> = dg.iter().map(|v| *v as f32).collect();
                     // Pass 2: dx = γ·inv/M · (M·g' − Σg' − x̂·Σg'x̂).
