@@ -111,7 +111,7 @@ pub fn matmul_bias_act(
             seg_len: k,
             seg_stride: 0,
         };
-        unsafe { avx512::conv(a, &rows, 0, m, n, panels, bias, relu, out) };
+        unsafe { avx512::conv(a, &rows, None, 0, m, n, panels, bias, relu, out) };
         return;
     }
     sgemm(m, k, n, a, &b.plain, out);
@@ -157,6 +157,22 @@ impl Windows {
         img * self.img_stride + (pos / self.ow) * self.row_step + (pos % self.ow) * self.col_step
     }
 
+    /// A cursor at row `r` that steps to the following rows without dividing: the kernels
+    /// need each row's base, and two 64-bit divisions per row cost as much as a 3×3×1
+    /// convolution's arithmetic.
+    #[inline(always)]
+    pub fn cursor(&self, r: usize) -> RowCursor {
+        let (img, pos) = (r / self.ohw, r % self.ohw);
+        let (y, x) = (pos / self.ow, pos % self.ow);
+        RowCursor {
+            last: 0,
+            row: img * self.img_stride + y * self.row_step,
+            x,
+            y,
+            img_start: img * self.img_stride,
+        }
+    }
+
     /// Values one row holds (the GEMM depth).
     pub fn k(&self) -> usize {
         self.segs * self.seg_len
@@ -165,13 +181,47 @@ impl Windows {
     /// Copies rows `[r0, r0 + rows)` into `col` (`rows × k`, row-major).
     pub fn gather(&self, src: &[f32], r0: usize, rows: usize, col: &mut [f32]) {
         let k = self.k();
-        for (i, dst) in col[..rows * k].chunks_exact_mut(k).enumerate() {
-            let base = self.base(r0 + i);
+        let mut at = self.cursor(r0);
+        for dst in col[..rows * k].chunks_exact_mut(k) {
+            let base = at.next_base(self);
             for (s, d) in dst.chunks_exact_mut(self.seg_len).enumerate() {
                 let at = base + s * self.seg_stride;
                 d.copy_from_slice(&src[at..at + self.seg_len]);
             }
         }
+    }
+}
+
+/// Walks the rows of a [`Windows`] in order; see [`Windows::cursor`].
+#[derive(Debug, Clone, Copy)]
+pub struct RowCursor {
+    /// The base [`RowCursor::next_base`] returned last.
+    pub last: usize,
+    /// Offset of the current output row's first column.
+    row: usize,
+    x: usize,
+    y: usize,
+    img_start: usize,
+}
+
+impl RowCursor {
+    /// The current row's base, then a step to the next row.
+    #[inline(always)]
+    pub fn next_base(&mut self, win: &Windows) -> usize {
+        let base = self.row + self.x * win.col_step;
+        self.last = base;
+        self.x += 1;
+        if self.x == win.ow {
+            self.x = 0;
+            self.y += 1;
+            self.row += win.row_step;
+            if self.y * win.ow == win.ohw {
+                self.y = 0;
+                self.img_start += win.img_stride;
+                self.row = self.img_start;
+            }
+        }
+        base
     }
 }
 
@@ -205,7 +255,7 @@ pub fn conv_bias_act(
     if let Some(panels) = &b.panels {
         // SAFETY: panels exist only with AVX-512F; bases grow with the row index, so the
         // check above bounds every run the kernel reads, and `out` holds rows × n values.
-        unsafe { avx512::conv(src, win, r0, rows, b.n, panels, bias, relu, out) };
+        unsafe { avx512::conv(src, win, None, r0, rows, b.n, panels, bias, relu, out) };
         return;
     }
     let step = (256 * 1024 / (4 * b.k.max(1))).max(8);
@@ -220,6 +270,104 @@ pub fn conv_bias_act(
             let o = &mut out[done * b.n..(done + r) * b.n];
             matmul_bias_act(col, r, b, bias, relu, o);
             done += r;
+        }
+    });
+}
+
+/// Convolution followed by a 2×2, stride-2 max-pool, for pooled outputs `[p0, p0 + count)`
+/// (image × pooled position) into `out` (`count × n`). `win` describes the convolution; the
+/// pooled map is `(oh / 2) × (ow / 2)` (floor, as ONNX's default `ceil_mode = 0`).
+///
+/// Why fused: the four convolution rows of each window are computed side by side and reduced
+/// while they are still in registers, so the full-size map is never stored and read back —
+/// at 28×28×32 that store and the separate pooling pass took longer than the arithmetic.
+/// `max(a + b, c + b) = max(a, c) + b` and ReLU is monotonic, so bias and ReLU go after the
+/// max, and the result equals pooling [`conv_bias_act`]'s output exactly.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_pool2_bias_act(
+    src: &[f32],
+    win: &Windows,
+    p0: usize,
+    count: usize,
+    b: &PackedB,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    assert_eq!(win.k(), b.k);
+    assert!(out.len() >= count * b.n && bias.len() == b.n);
+    let (oh, ow) = (win.ohw / win.ow, win.ow);
+    let (ph, pw) = (oh / 2, ow / 2);
+    if count == 0 || ph * pw == 0 {
+        return;
+    }
+    // The pooled grid as windows of its own: each "row" is a window's top-left convolution
+    // row, and `quad` reaches its four convolution rows from there.
+    let grid = Windows {
+        ohw: ph * pw,
+        ow: pw,
+        row_step: 2 * win.row_step,
+        col_step: 2 * win.col_step,
+        ..*win
+    };
+    let quad = [0, win.col_step, win.row_step, win.row_step + win.col_step];
+    let reach = quad[3] + (win.segs - 1) * win.seg_stride + win.seg_len;
+    assert!(grid.base(p0 + count - 1) + reach <= src.len());
+    #[cfg(target_arch = "x86_64")]
+    if let Some(panels) = &b.panels {
+        // SAFETY: as in conv_bias_act; the last window's last row reaches furthest.
+        unsafe {
+            avx512::conv(
+                src,
+                &grid,
+                Some(quad),
+                p0,
+                count,
+                b.n,
+                panels,
+                bias,
+                relu,
+                out,
+            )
+        };
+        return;
+    }
+    // Portable path: the four rows of each window gathered side by side, multiplied, then
+    // reduced.
+    let n = b.n;
+    COL_SCRATCH.with_borrow_mut(|col| {
+        let mut rows4 = Vec::new();
+        let step = ((256 * 1024 / (4 * b.k.max(1))) / 4).max(2);
+        let mut at = grid.cursor(p0);
+        let mut done = 0;
+        while done < count {
+            let u = step.min(count - done);
+            if col.len() < 4 * u * b.k {
+                col.resize(4 * u * b.k, 0.0);
+            }
+            for (i, dst) in col[..4 * u * b.k].chunks_exact_mut(b.k).enumerate() {
+                if i % 4 == 0 {
+                    at.next_base(&grid);
+                }
+                let base = at.last + quad[i % 4];
+                for (sg, d) in dst.chunks_exact_mut(win.seg_len).enumerate() {
+                    let from = base + sg * win.seg_stride;
+                    d.copy_from_slice(&src[from..from + win.seg_len]);
+                }
+            }
+            rows4.resize(4 * u * n, 0.0);
+            matmul_bias_act(col, 4 * u, b, bias, relu, &mut rows4);
+            for (o, four) in out[done * n..(done + u) * n]
+                .chunks_exact_mut(n)
+                .zip(rows4.chunks_exact(4 * n))
+            {
+                for (j, o) in o.iter_mut().enumerate() {
+                    *o = four[j]
+                        .max(four[n + j])
+                        .max(four[2 * n + j].max(four[3 * n + j]));
+                }
+            }
+            done += u;
         }
     });
 }
@@ -383,7 +531,7 @@ mod avx512 {
     /// One block: `R` rows (read in place through `Windows`) × `P` panels of 16 columns.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn conv_block<const R: usize, const P: usize>(
+    unsafe fn conv_block<const R: usize, const P: usize, const POOL: bool>(
         src: *const f32,
         bases: &[usize; MR],
         win: &Windows,
@@ -412,24 +560,47 @@ mod avx512 {
                 r += 1;
             }
         }
-        let zero = _mm512_setzero_ps();
-        for (i, acc) in acc.iter().enumerate() {
-            for (p, v) in acc.iter().enumerate() {
-                let mut v = _mm512_add_ps(*v, _mm512_loadu_ps(bias.add(p * NR)));
-                if relu {
-                    v = _mm512_max_ps(v, zero);
+        // Bias, ReLU and the store of one vector: column panel `p` of output row `at`.
+        #[inline(always)]
+        unsafe fn finish(v: __m512, bias: *const f32, relu: bool, c: *mut f32, at: usize) {
+            let mut v = _mm512_add_ps(v, _mm512_loadu_ps(bias));
+            if relu {
+                v = _mm512_max_ps(v, _mm512_setzero_ps());
+            }
+            _mm512_storeu_ps(c.add(at), v);
+        }
+        if POOL {
+            // Rows come in fours, one 2×2 window each: reduce, then bias and ReLU.
+            for (g, four) in acc.chunks_exact(4).enumerate() {
+                for (p, first) in four[0].iter().enumerate() {
+                    let a = _mm512_max_ps(*first, four[1][p]);
+                    let b = _mm512_max_ps(four[2][p], four[3][p]);
+                    finish(
+                        _mm512_max_ps(a, b),
+                        bias.add(p * NR),
+                        relu,
+                        c,
+                        g * n + p * NR,
+                    );
                 }
-                _mm512_storeu_ps(c.add(i * n + p * NR), v);
+            }
+        } else {
+            for (i, acc) in acc.iter().enumerate() {
+                for (p, v) in acc.iter().enumerate() {
+                    finish(*v, bias.add(p * NR), relu, c, i * n + p * NR);
+                }
             }
         }
     }
 
-    /// See [`super::conv_bias_act`].
+    /// See [`super::conv_bias_act`]; with `quad`, each of the `m` units is a 2×2 window whose
+    /// four rows lie at its base plus `quad` (see [`super::conv_pool2_bias_act`]).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn conv(
         src: &[f32],
         win: &Windows,
+        quad: Option<[usize; 4]>,
         r0: usize,
         m: usize,
         n: usize,
@@ -446,29 +617,73 @@ mod avx512 {
             let panel = panels.as_ptr().add(j * k * NR);
             let b = bias.as_ptr().add(j * NR);
             let mut i = 0;
+            let mut at = win.cursor(r0);
+            // Rows per unit, and units per block.
+            let per = if quad.is_some() { 4 } else { 1 };
             while i < m {
-                let r = (m - i).min(MR);
+                let u = (m - i).min(MR / per);
                 let mut bases = [0usize; MR];
-                for (q, base) in bases.iter_mut().enumerate().take(r) {
-                    *base = win.base(r0 + i + q);
+                for unit in bases.chunks_exact_mut(per).take(u) {
+                    let top = at.next_base(win);
+                    match quad {
+                        Some(q) => {
+                            for (base, q) in unit.iter_mut().zip(q) {
+                                *base = top + q;
+                            }
+                        }
+                        None => unit[0] = top,
+                    }
                 }
                 let c = out.as_mut_ptr().add(i * n + j * NR);
                 let s = src.as_ptr();
                 macro_rules! go {
                     ($p:literal) => {
-                        match r {
-                            12 => conv_block::<12, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            11 => conv_block::<11, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            10 => conv_block::<10, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            9 => conv_block::<9, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            8 => conv_block::<8, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            7 => conv_block::<7, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            6 => conv_block::<6, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            5 => conv_block::<5, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            4 => conv_block::<4, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            3 => conv_block::<3, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            2 => conv_block::<2, $p>(s, &bases, win, k, panel, b, relu, c, n),
-                            _ => conv_block::<1, $p>(s, &bases, win, k, panel, b, relu, c, n),
+                        match (u * per, quad.is_some()) {
+                            (12, true) => {
+                                conv_block::<12, $p, true>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (8, true) => {
+                                conv_block::<8, $p, true>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (_, true) => {
+                                conv_block::<4, $p, true>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (12, _) => {
+                                conv_block::<12, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (11, _) => {
+                                conv_block::<11, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (10, _) => {
+                                conv_block::<10, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (9, _) => {
+                                conv_block::<9, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (8, _) => {
+                                conv_block::<8, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (7, _) => {
+                                conv_block::<7, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (6, _) => {
+                                conv_block::<6, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (5, _) => {
+                                conv_block::<5, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (4, _) => {
+                                conv_block::<4, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (3, _) => {
+                                conv_block::<3, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            (2, _) => {
+                                conv_block::<2, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
+                            _ => {
+                                conv_block::<1, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
+                            }
                         }
                     };
                 }
@@ -477,7 +692,7 @@ mod avx512 {
                 } else {
                     go!(1);
                 }
-                i += r;
+                i += u;
             }
             j += pp;
         }
@@ -690,24 +905,66 @@ mod conv_tests {
             };
             let m = n * oh * ow;
             // Direct loop: out[b, oy, ox, o].
-            let mut want = vec![0f32; m * cout];
-            for b in 0..n {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        for o in 0..cout {
-                            let mut v = bias[o] as f64;
-                            for ky in 0..k {
-                                for kx in 0..k {
-                                    for ch in 0..c {
-                                        let x = src
-                                            [((b * hp + oy * s + ky) * wp + ox * s + kx) * c + ch];
-                                        v += x as f64
-                                            * w[((ky * k + kx) * c + ch) * cout + o] as f64;
+            let direct = |relu: bool| {
+                let mut out = vec![0f32; m * cout];
+                for b in 0..n {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            for o in 0..cout {
+                                let mut v = bias[o] as f64;
+                                for ky in 0..k {
+                                    for kx in 0..k {
+                                        for ch in 0..c {
+                                            let x =
+                                                src[((b * hp + oy * s + ky) * wp + ox * s + kx)
+                                                    * c
+                                                    + ch];
+                                            v += x as f64
+                                                * w[((ky * k + kx) * c + ch) * cout + o] as f64;
+                                        }
                                     }
                                 }
+                                let v = v as f32;
+                                out[((b * oh + oy) * ow + ox) * cout + o] =
+                                    if relu { v.max(0.0) } else { v };
                             }
-                            want[((b * oh + oy) * ow + ox) * cout + o] = (v as f32).max(0.0);
                         }
+                    }
+                }
+                out
+            };
+            let want = direct(true);
+            // The fused 2×2 pool against pooling the direct map (odd maps drop their last row
+            // or column, as ONNX's floor mode does), ReLU on and off, split at a random unit.
+            let (ph, pw) = (oh / 2, ow / 2);
+            let units = n * ph * pw;
+            for relu in [true, false] {
+                let map = direct(relu);
+                let mut pooled = vec![0f32; units * cout];
+                for (i, o) in pooled.chunks_exact_mut(cout).enumerate() {
+                    let (b, py, px) = (i / (ph * pw), i / pw % ph, i % pw);
+                    for (ch, o) in o.iter_mut().enumerate() {
+                        *o = f32::NEG_INFINITY;
+                        for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                            let r = (b * oh + 2 * py + dy) * ow + 2 * px + dx;
+                            *o = o.max(map[r * cout + ch]);
+                        }
+                    }
+                }
+                for allow in [true, false] {
+                    let packed = PackedB::with_kernel(w.clone(), kk, cout, allow);
+                    let split = next(units + 1);
+                    let mut out = vec![f32::NAN; units * cout];
+                    let (a, b) = out.split_at_mut(split * cout);
+                    conv_pool2_bias_act(&src, &win, 0, split, &packed, &bias, relu, a);
+                    let rest = units - split;
+                    conv_pool2_bias_act(&src, &win, split, rest, &packed, &bias, relu, b);
+                    for (i, (x, y)) in out.iter().zip(&pooled).enumerate() {
+                        assert!(
+                            (x - y).abs() <= 1e-4,
+                            "pooled case {case} ({}) k{k} s{s} c{c} relu {relu} [{i}]: {x} vs {y}",
+                            packed.kernel_name()
+                        );
                     }
                 }
             }

@@ -15,7 +15,9 @@
 //! single small image runs on the calling thread, since handing a 100 µs job to another thread
 //! costs more than it saves.
 
-use super::kernels::{conv_bias_act, matmul_bias_act, sgemm, PackedB, Windows};
+use super::kernels::{
+    conv_bias_act, conv_pool2_bias_act, matmul_bias_act, sgemm, PackedB, Windows,
+};
 use super::model::ModelError;
 use crate::preprocess::InputLayout;
 use candle_core::Tensor;
@@ -896,6 +898,10 @@ impl Conv {
         let threads = rayon::current_num_threads().max(1);
         let parallel = m * kk * self.cout >= PARALLEL_MIN_MACS;
         let win = self.windows();
+        let pool22 = self
+            .pool
+            .as_ref()
+            .is_some_and(|p| (p.k, p.stride) == (2, 2));
         if let Some(p) = &self.pool {
             // Whole images per task: each image's map is pooled while it is still in cache,
             // and only the pooled map is written out.
@@ -925,6 +931,20 @@ impl Conv {
                             self.pad_into(x, &mut padded[..len], true);
                             &padded[..len]
                         };
+                        if pool22 {
+                            // The common 2×2 pool is reduced in the kernel's registers.
+                            conv_pool2_bias_act(
+                                src,
+                                &win,
+                                0,
+                                nb * p.out.0 * p.out.1,
+                                &self.weight,
+                                &self.bias,
+                                self.relu,
+                                out,
+                            );
+                            return;
+                        }
                         let len = nb * oh * ow * self.cout;
                         if map.len() < len {
                             map.resize(len, 0.0);
