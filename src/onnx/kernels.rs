@@ -100,18 +100,7 @@ pub fn matmul_bias_act(
     if let Some(panels) = &b.panels {
         // SAFETY: panels exist only when the CPU has AVX-512F (checked in PackedB::new), and
         // the asserts above bound every access the kernel makes.
-        // A plain row-major matrix is the degenerate window: one run of k values per row.
-        let rows = Windows {
-            ohw: usize::MAX,
-            ow: 1,
-            img_stride: 0,
-            row_step: k,
-            col_step: 0,
-            segs: 1,
-            seg_len: k,
-            seg_stride: 0,
-        };
-        unsafe { avx512::conv(a, &rows, None, 0, m, n, panels, bias, relu, out) };
+        unsafe { avx512::conv(a, &Windows::rows(k), None, 0, m, n, panels, bias, relu, out) };
         return;
     }
     sgemm(m, k, n, a, &b.plain, out);
@@ -121,6 +110,55 @@ pub fn matmul_bias_act(
             if relu {
                 *v = v.max(0.0);
             }
+        }
+    }
+}
+
+/// Output columns `[j0, j1)` of one row: `out = act(a · b[:, j0..j1] + bias[j0..j1])`, with
+/// `j0` and `j1` multiples of 16. Lets threads share one image's fully connected layer, each
+/// reading only its own columns' weights.
+pub fn matvec_cols(
+    a: &[f32],
+    b: &PackedB,
+    (j0, j1): (usize, usize),
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    let (k, n) = (b.k, b.n);
+    assert!(j0.is_multiple_of(NR) && j1.is_multiple_of(NR) && j0 <= j1 && j1 <= n);
+    assert!(a.len() >= k && out.len() >= j1 - j0 && bias.len() == n);
+    let (cols, bias) = (j1 - j0, &bias[j0..j1]);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(panels) = &b.panels {
+        let panels = &panels[j0 * k..j1 * k];
+        // SAFETY: as in matmul_bias_act, for the panels of these columns and one row.
+        unsafe {
+            avx512::conv(
+                a,
+                &Windows::rows(k),
+                None,
+                0,
+                1,
+                cols,
+                panels,
+                bias,
+                relu,
+                out,
+            )
+        };
+        return;
+    }
+    let plain = Mat {
+        data: &b.plain[j0..],
+        rs: n,
+        cs: 1,
+    };
+    sgemm_strided(1, cols, k, Mat::rows(a, k), plain, out, cols, false);
+    for (v, b) in out[..cols].iter_mut().zip(bias) {
+        *v += b;
+        if relu {
+            *v = v.max(0.0);
         }
     }
 }
@@ -150,6 +188,21 @@ pub struct Windows {
 }
 
 impl Windows {
+    /// A plain row-major matrix `[rows, k]` as the degenerate window: one run of `k` values
+    /// per row.
+    pub fn rows(k: usize) -> Self {
+        Windows {
+            ohw: usize::MAX,
+            ow: 1,
+            img_stride: 0,
+            row_step: k,
+            col_step: 0,
+            segs: 1,
+            seg_len: k,
+            seg_stride: 0,
+        }
+    }
+
     /// Offset of row `r`'s first run.
     #[inline(always)]
     pub fn base(&self, r: usize) -> usize {
@@ -844,6 +897,21 @@ mod tests {
                     matmul_bias_act(&a, m, &packed, &bias, relu, &mut out);
                     let want = reference(&a, m, k, &b, n, &bias, relu);
                     let tol = 1e-5 * (k as f32).sqrt() * 4.0;
+                    // The first row, column block by column block (16 at a time, then all).
+                    if n.is_multiple_of(16) {
+                        for (j0, j1) in (0..n / 16).map(|j| (16 * j, 16 * j + 16)).chain([(0, n)]) {
+                            let mut part = vec![f32::NAN; j1 - j0];
+                            matvec_cols(&a[..k], &packed, (j0, j1), &bias, relu, &mut part);
+                            for (j, x) in part.iter().enumerate() {
+                                let y = want[j0 + j];
+                                assert!(
+                                    (x - y).abs() <= tol,
+                                    "cols {j0}..{j1} k{k} n{n} relu {relu} [{j}]: {x} vs {y} ({})",
+                                    packed.kernel_name()
+                                );
+                            }
+                        }
+                    }
                     for (i, (x, y)) in out.iter().zip(&want).enumerate() {
                         assert!(
                             (x - y).abs() <= tol,

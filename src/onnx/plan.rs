@@ -16,7 +16,7 @@
 //! costs more than it saves.
 
 use super::kernels::{
-    conv_bias_act, conv_pool2_bias_act, matmul_bias_act, sgemm, PackedB, Windows,
+    conv_bias_act, conv_pool2_bias_act, matmul_bias_act, matvec_cols, sgemm, PackedB, Windows,
 };
 use super::model::ModelError;
 use crate::preprocess::InputLayout;
@@ -33,6 +33,10 @@ thread_local! {
     /// Per-thread convolution output awaiting its fused max-pool.
     static MAP_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// Multiply-accumulates above which one image's fully connected layer is split by columns
+/// across threads (its weights, ≥ 1 MB, take longer to read than the hand-off).
+const SPLIT_ROW_MIN_MACS: usize = 256 * 1024;
 
 /// Bytes of im2col rows one chunk builds (fits next to the weights in a 1–2 MB L2).
 const CHUNK_BYTES: usize = 256 * 1024;
@@ -902,6 +906,21 @@ impl Conv {
             .pool
             .as_ref()
             .is_some_and(|p| (p.k, p.stride) == (2, 2));
+        if let (true, Some(p)) = (pool22 && parallel && n < threads, &self.pool) {
+            // Fewer images than threads (a single request): the pooled positions are split,
+            // so that one image's convolution uses every core.
+            let src = self.padded_batch(x, n);
+            let units = n * p.out.0 * p.out.1;
+            let per = units.div_ceil(threads);
+            let mut y = vec![0f32; units * self.cout];
+            let work = |(ci, out): (usize, &mut [f32])| {
+                let count = out.len() / self.cout;
+                let (w, b) = (&self.weight, &self.bias);
+                conv_pool2_bias_act(&src, &win, ci * per, count, w, b, self.relu, out);
+            };
+            on_this_and_pool(y.chunks_mut(per * self.cout).enumerate(), &work);
+            return y;
+        }
         if let Some(p) = &self.pool {
             // Whole images per task: each image's map is pooled while it is still in cache,
             // and only the pooled map is written out.
@@ -989,6 +1008,20 @@ impl Conv {
     }
 }
 
+/// Runs the first task on the calling thread and the others on rayon's pool. For a single
+/// image's step (tens of µs), a caller outside the pool that hands all the work over and
+/// sleeps until it is done loses more to the wake-ups than the second core gains; computing
+/// its own share instead made batch-1 latency ~25 % lower (measured, BENCHMARKS.md).
+fn on_this_and_pool<T: Send>(mut tasks: impl Iterator<Item = T>, work: &(impl Fn(T) + Sync)) {
+    let Some(first) = tasks.next() else { return };
+    rayon::in_place_scope(|s| {
+        for t in tasks {
+            s.spawn(move |_| work(t));
+        }
+        work(first);
+    });
+}
+
 /// Max-pools one channels-last map `(h, w, c)` with a `k`×`k` window and `stride`.
 fn max_pool_image(
     img: &[f32],
@@ -1020,6 +1053,22 @@ fn max_pool_image(
 impl Linear {
     fn run(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0f32; n * self.out];
+        let threads = rayon::current_num_threads().max(1);
+        let split = self.out / threads;
+        if n == 1
+            && self.inp * self.out >= SPLIT_ROW_MIN_MACS
+            && self.out.is_multiple_of(16 * threads)
+            && split > 0
+        {
+            // One image: reading the weights is the cost (2.4 MB for the shipped fc1), so
+            // each thread takes its own columns and reads only their weights.
+            let work = |(t, out): (usize, &mut [f32])| {
+                let cols = (t * split, t * split + out.len());
+                matvec_cols(x, &self.weight, cols, &self.bias, self.relu, out);
+            };
+            on_this_and_pool(y.chunks_mut(split).enumerate(), &work);
+            return y;
+        }
         let work = |(i, out): (usize, &mut [f32])| {
             let rows = out.len() / self.out;
             let r0 = i * self.rows_per(n);
@@ -1421,6 +1470,21 @@ mod tests {
         for n in [1, 2, 64, 130] {
             let diff = compare(&m, n, &mut r);
             assert!(diff < 2e-5, "batch {n}: relative difference {diff}");
+        }
+        // One image split across 2 and 3 threads (conv2 by pooled positions, fc1 by columns
+        // where 128 divides evenly), from inside a pool as well as from outside one above.
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for n in [1, 2] {
+                let diff = pool.install(|| compare(&m, n, &mut r));
+                assert!(
+                    diff < 2e-5,
+                    "{threads} threads, batch {n}: difference {diff}"
+                );
+            }
         }
     }
 
