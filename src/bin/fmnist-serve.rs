@@ -149,7 +149,13 @@ fn run() -> Result<()> {
     };
 
     let started = Instant::now();
-    let model = Arc::new(OnnxModel::load(&cfg.model)?.with_engine(cfg.engine.into()));
+    // Requests arrive with gaps between them and the other cores serve HTTP meanwhile, so one
+    // image runs on the batching thread alone (see Plan::split_single_images).
+    let model = Arc::new(
+        OnnxModel::load(&cfg.model)?
+            .with_engine(cfg.engine.into())
+            .with_single_image_split(false),
+    );
     model.warm_up().context("warming up the model")?;
     tracing::info!(
         model = %cfg.model.display(),

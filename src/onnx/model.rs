@@ -335,6 +335,15 @@ impl OnnxModel {
         self
     }
 
+    /// Whether the planned executor splits a single image's large steps across threads; see
+    /// [`Plan::split_single_images`].
+    pub fn with_single_image_split(mut self, on: bool) -> Self {
+        if let Ok(plan) = &mut self.plan {
+            plan.split_single_images(on);
+        }
+        self
+    }
+
     /// What runs the graph: `"planned"` or `"candle-onnx"`, with the reason the planner gave
     /// when it could not take the graph.
     pub fn engine_description(&self) -> String {
