@@ -236,11 +236,15 @@ impl Windows {
         let k = self.k();
         let mut at = self.cursor(r0);
         for dst in col[..rows * k].chunks_exact_mut(k) {
-            let base = at.next_base(self);
-            for (s, d) in dst.chunks_exact_mut(self.seg_len).enumerate() {
-                let at = base + s * self.seg_stride;
-                d.copy_from_slice(&src[at..at + self.seg_len]);
-            }
+            self.copy_row(src, at.next_base(self), dst);
+        }
+    }
+
+    /// Copies the row whose first run starts at `base` into `dst` (`k` values).
+    fn copy_row(&self, src: &[f32], base: usize, dst: &mut [f32]) {
+        for (s, d) in dst.chunks_exact_mut(self.seg_len).enumerate() {
+            let at = base + s * self.seg_stride;
+            d.copy_from_slice(&src[at..at + self.seg_len]);
         }
     }
 }
@@ -402,11 +406,7 @@ pub fn conv_pool2_bias_act(
                 if i % 4 == 0 {
                     at.next_base(&grid);
                 }
-                let base = at.last + quad[i % 4];
-                for (sg, d) in dst.chunks_exact_mut(win.seg_len).enumerate() {
-                    let from = base + sg * win.seg_stride;
-                    d.copy_from_slice(&src[from..from + win.seg_len]);
-                }
+                win.copy_row(src, at.last + quad[i % 4], dst);
             }
             rows4.resize(4 * u * n, 0.0);
             matmul_bias_act(col, 4 * u, b, bias, relu, &mut rows4);
@@ -581,10 +581,41 @@ mod avx512 {
     use super::{Windows, MR, NR};
     use std::arch::x86_64::*;
 
+    /// Evaluates `$call` with `$R` and `$P` bound as constants to the runtime row count `$r`
+    /// (1–12, = `MR`) and panel count `$p` (1 or 2): the blocks are generic over both so that
+    /// their accumulators stay in registers, and this is the one place that maps sizes to them.
+    macro_rules! with_block {
+        ($r:expr, $p:expr, |$R:ident, $P:ident| $call:expr) => {
+            match $p {
+                2 => with_block!(@rows $r, 2, $R, $P, $call),
+                _ => with_block!(@rows $r, 1, $R, $P, $call),
+            }
+        };
+        (@rows $r:expr, $pv:literal, $R:ident, $P:ident, $call:expr) => {
+            with_block!(@pick $r, $pv, $R, $P, $call, 12 11 10 9 8 7 6 5 4 3 2)
+        };
+        (@pick $r:expr, $pv:literal, $R:ident, $P:ident, $call:expr, $($n:literal)*) => {
+            match $r {
+                $($n => {
+                    const $R: usize = $n;
+                    const $P: usize = $pv;
+                    $call
+                })*
+                _ => {
+                    const $R: usize = 1;
+                    const $P: usize = $pv;
+                    $call
+                }
+            }
+        };
+    }
+
     /// One block: `R` rows (read in place through `Windows`) × `P` panels of 16 columns.
+    /// With `pool`, the rows come in fours (one 2×2 window each) and `R / 4` pooled rows are
+    /// written.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn conv_block<const R: usize, const P: usize, const POOL: bool>(
+    unsafe fn conv_block<const R: usize, const P: usize>(
         src: *const f32,
         bases: &[usize; MR],
         win: &Windows,
@@ -592,6 +623,7 @@ mod avx512 {
         panel: *const f32,
         bias: *const f32,
         relu: bool,
+        pool: bool,
         c: *mut f32,
         n: usize,
     ) {
@@ -622,7 +654,7 @@ mod avx512 {
             }
             _mm512_storeu_ps(c.add(at), v);
         }
-        if POOL {
+        if pool {
             // Rows come in fours, one 2×2 window each: reduce, then bias and ReLU.
             for (g, four) in acc.chunks_exact(4).enumerate() {
                 for (p, first) in four[0].iter().enumerate() {
@@ -689,62 +721,10 @@ mod avx512 {
                 }
                 let c = out.as_mut_ptr().add(i * n + j * NR);
                 let s = src.as_ptr();
-                macro_rules! go {
-                    ($p:literal) => {
-                        match (u * per, quad.is_some()) {
-                            (12, true) => {
-                                conv_block::<12, $p, true>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (8, true) => {
-                                conv_block::<8, $p, true>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (_, true) => {
-                                conv_block::<4, $p, true>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (12, _) => {
-                                conv_block::<12, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (11, _) => {
-                                conv_block::<11, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (10, _) => {
-                                conv_block::<10, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (9, _) => {
-                                conv_block::<9, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (8, _) => {
-                                conv_block::<8, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (7, _) => {
-                                conv_block::<7, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (6, _) => {
-                                conv_block::<6, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (5, _) => {
-                                conv_block::<5, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (4, _) => {
-                                conv_block::<4, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (3, _) => {
-                                conv_block::<3, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            (2, _) => {
-                                conv_block::<2, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                            _ => {
-                                conv_block::<1, $p, false>(s, &bases, win, k, panel, b, relu, c, n)
-                            }
-                        }
-                    };
-                }
-                if pp == 2 {
-                    go!(2);
-                } else {
-                    go!(1);
-                }
+                let pool = quad.is_some();
+                with_block!(u * per, pp, |R, P| conv_block::<R, P>(
+                    s, &bases, win, k, panel, b, relu, pool, c, n
+                ));
                 i += u;
             }
             j += pp;
@@ -808,29 +788,9 @@ mod avx512 {
                 let r = (m - i).min(MR);
                 let ai = a.as_ptr().add(i);
                 let ci = c.as_mut_ptr().add(i * n + j * NR);
-                macro_rules! go {
-                    ($p:literal) => {
-                        match r {
-                            12 => outer_block::<12, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            11 => outer_block::<11, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            10 => outer_block::<10, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            9 => outer_block::<9, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            8 => outer_block::<8, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            7 => outer_block::<7, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            6 => outer_block::<6, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            5 => outer_block::<5, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            4 => outer_block::<4, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            3 => outer_block::<3, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            2 => outer_block::<2, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                            _ => outer_block::<1, $p>(k, ai, a_rs, bj, b_rs, ci, n),
-                        }
-                    };
-                }
-                if pp == 2 {
-                    go!(2);
-                } else {
-                    go!(1);
-                }
+                with_block!(r, pp, |R, P| outer_block::<R, P>(
+                    k, ai, a_rs, bj, b_rs, ci, n
+                ));
                 i += r;
             }
             j += pp;

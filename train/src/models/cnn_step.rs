@@ -424,6 +424,36 @@ fn weight_grad(
 }
 
 /// Column sums of rows of width `c`.
+/// Backward of a fully connected layer `y = x · wᵀ + b` over `n` rows, `w` being
+/// `[outputs, inputs]`: returns the weight and bias gradients and writes the input gradient
+/// `dy · w` into `dx`. `threads`: split the products over rayon's threads (worth it for fc1).
+fn linear_backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    (inputs, outputs): (usize, usize),
+    dx: &mut Vec<f32>,
+    threads: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut gw = vec![0f32; outputs * inputs];
+    let dyt = Mat::transposed(dy, outputs);
+    sgemm_strided(
+        outputs,
+        inputs,
+        n,
+        dyt,
+        Mat::rows(x, inputs),
+        &mut gw,
+        inputs,
+        threads,
+    );
+    sized(dx, n * inputs);
+    let (dy, w) = (Mat::rows(dy, outputs), Mat::rows(w, inputs));
+    sgemm_strided(n, inputs, outputs, dy, w, dx, inputs, threads);
+    (gw, sum_rows(dy.data, outputs))
+}
+
 fn sum_rows(rows: &[f32], c: usize) -> Vec<f32> {
     let mut s = vec![0f32; c];
     for row in rows.chunks_exact(c) {
@@ -584,55 +614,20 @@ pub fn train_step(
     }
 
     // ---- backward
-    let mut g_fc2_w = vec![0f32; k * hid];
-    sgemm_strided(
-        k,
-        hid,
+    let (g_fc2_w, g_fc2_b) = linear_backward(
+        &ws.dlogits,
+        &ws.hd,
+        wt.fc2_w,
         n,
-        Mat::transposed(&ws.dlogits, k),
-        Mat::rows(&ws.hd, hid),
-        &mut g_fc2_w,
-        hid,
-        false,
-    );
-    let g_fc2_b = sum_rows(&ws.dlogits, k);
-    sized(&mut ws.dh, n * hid);
-    sgemm_strided(
-        n,
-        hid,
-        k,
-        Mat::rows(&ws.dlogits, k),
-        Mat::rows(wt.fc2_w, hid),
+        (hid, k),
         &mut ws.dh,
-        hid,
         false,
     );
     for ((d, m), h) in ws.dh.iter_mut().zip(&ws.mask).zip(&ws.h) {
         *d = if *h > 0.0 { *d * m } else { 0.0 };
     }
-    let mut g_fc1_w = vec![0f32; hid * feat];
-    sgemm_strided(
-        hid,
-        feat,
-        n,
-        Mat::transposed(&ws.dh, hid),
-        Mat::rows(&ws.p2, feat),
-        &mut g_fc1_w,
-        feat,
-        true,
-    );
-    let g_fc1_b = sum_rows(&ws.dh, hid);
-    sized(&mut ws.dp2, n * feat);
-    sgemm_strided(
-        n,
-        feat,
-        hid,
-        Mat::rows(&ws.dh, hid),
-        Mat::rows(wt.fc1_w, feat),
-        &mut ws.dp2,
-        feat,
-        true,
-    );
+    let (g_fc1_w, g_fc1_b) =
+        linear_backward(&ws.dh, &ws.p2, wt.fc1_w, n, (feat, hid), &mut ws.dp2, true);
 
     sized(&mut ws.dz2p, n * 16 * 16 * c2);
     let (g_gamma2, g_beta2) = pool_bn_backward(
