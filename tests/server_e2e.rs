@@ -455,8 +455,8 @@ fn metrics_request_ids_and_openapi() {
     let m = get(&s, "/metrics", false);
     assert!(m.header("content-type").unwrap().starts_with("text/plain"));
     for needle in [
-        "fmnist_requests_total{route=\"/predict\",status=\"200\"} 1",
-        "fmnist_request_duration_seconds_bucket{route=\"/predict\",le=\"+Inf\"} 1",
+        "fmnist_requests_total{protocol=\"http\",route=\"/predict\",status=\"200\"} 1",
+        "fmnist_request_duration_seconds_bucket{protocol=\"http\",route=\"/predict\",le=\"+Inf\"} 1",
         "fmnist_batch_size_count",
         "fmnist_inference_seconds_count",
         "fmnist_queue_depth 0",
@@ -473,7 +473,7 @@ fn metrics_request_ids_and_openapi() {
     let mut documented = Vec::new();
     for (path, ops) in paths {
         for method in ops.as_object().unwrap().keys() {
-            let concrete = path.replace("{name}", "fmnist-cnn");
+            let concrete = path.replace("{name}", "fmnist-cnn").replace("{version}", "1");
             let r = raw(
                 &s.addr,
                 &request(
@@ -493,13 +493,13 @@ fn metrics_request_ids_and_openapi() {
         }
     }
     // ... and every route the router knows is documented.
-    for (method, path) in fmnist::server::openapi::ROUTES {
+    for (method, path) in fmnist::server::http::openapi::ROUTES {
         assert!(
             documented.contains(&(method.to_string(), path.to_string())),
             "{method} {path} undocumented"
         );
     }
-    assert_eq!(documented.len(), fmnist::server::openapi::ROUTES.len());
+    assert_eq!(documented.len(), fmnist::server::http::openapi::ROUTES.len());
 }
 
 #[test]

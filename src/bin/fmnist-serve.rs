@@ -18,11 +18,14 @@ use std::time::{Duration, Instant};
     // environment set up for the server (FMNIST_TLS_CERT without its key, say) does not
     // stop them.
     args_conflicts_with_subcommands = true,
-    about = "Serve a Fashion-MNIST ONNX model over HTTP (POST /predict and the Open Inference Protocol v2).",
-    long_about = "Serve a Fashion-MNIST ONNX model over HTTP.\n\n\
-        Routes: POST /predict, the Open Inference Protocol (KServe v2) under /v2, GET /metrics \
-        (Prometheus), GET /openapi.json. Prediction and model-metadata routes need HTTP Basic \
-        auth; health, readiness and metrics are open.\n\n\
+    about = "Serve a Fashion-MNIST ONNX model over HTTP and gRPC (POST /predict and the Open Inference Protocol v2).",
+    long_about = "Serve a Fashion-MNIST ONNX model over HTTP and, with --grpc-listen, gRPC.\n\n\
+        Routes: POST /predict, the Open Inference Protocol (KServe v2 / Triton) under /v2 with \
+        JSON or binary tensors, model configuration and versioned paths, GET /metrics \
+        (Prometheus), GET /openapi.json. gRPC: inference.GRPCInferenceService, as \
+        tritonclient.grpc and kserve speak it. Prediction, model-metadata and configuration \
+        need HTTP Basic auth (gRPC: the authorization metadata); health, readiness and \
+        metrics are open.\n\n\
         Credentials: --credentials-file with 'user:$argon2id$...' lines (see the hash-password \
         subcommand), or FMNIST_BASIC_AUTH=user:password for development. There are no built-in \
         credentials: the server refuses to start without any.\n\n\
@@ -144,7 +147,7 @@ fn run() -> Result<()> {
         tracing::warn!("{warning}");
     }
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => Some(fmnist::server::tls::acceptor(cert, key)?),
+        (Some(cert), Some(key)) => Some(fmnist::server::tls::acceptors(cert, key)?),
         _ => None,
     };
 
@@ -180,13 +183,32 @@ fn run() -> Result<()> {
         if tls.is_none() && !addr.ip().is_loopback() {
             tracing::warn!(%addr, "listening beyond loopback over plain HTTP: Basic auth passwords travel unencrypted; use --tls-cert/--tls-key or put TLS in front");
         }
+        let grpc = match cfg.grpc_listen {
+            None => None,
+            Some(at) => Some(
+                tokio::net::TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("cannot listen for gRPC on {at}"))?,
+            ),
+        };
+        let grpc_addr = grpc.as_ref().map(|l| l.local_addr()).transpose()?;
+        if let Some(a) = grpc_addr {
+            if tls.is_none() && !a.ip().is_loopback() {
+                tracing::warn!(addr = %a, "gRPC listening beyond loopback without TLS: Basic auth passwords travel unencrypted; use --tls-cert/--tls-key or put TLS in front");
+            }
+        }
         let scheme = if tls.is_some() { "https" } else { "http" };
         let state = AppState::new(cfg, model, auth, tls);
         tracing::info!(%addr, scheme, "listening");
-        // A plain line on stdout too, for scripts and tests that wait for the port.
+        // Plain lines on stdout too, for scripts and tests that wait for the ports. The gRPC
+        // line comes first: a reader that sees the HTTP line has seen both.
+        if let Some(a) = grpc_addr {
+            tracing::info!(addr = %a, tls = scheme == "https", "gRPC listening");
+            println!("fmnist-serve grpc listening on {a}");
+        }
         println!("fmnist-serve listening on {scheme}://{addr}");
         std::io::stdout().flush().ok();
-        serve(state, listener, shutdown::signal()).await?;
+        serve(state, listener, grpc, shutdown::signal()).await?;
         tracing::info!("stopped");
         Ok(())
     })

@@ -354,6 +354,16 @@ impl OnnxModel {
         }
     }
 
+    /// The Open Inference Protocol's `platform` for this model: the format and the runtime
+    /// that really runs it, `onnx_fmnist` (the planned executor) or `onnx_candle`.
+    pub fn platform(&self) -> &'static str {
+        if self.active_plan().is_some() {
+            "onnx_fmnist"
+        } else {
+            "onnx_candle"
+        }
+    }
+
     /// The planned executor, when the graph could be planned (whatever the engine).
     pub fn plan(&self) -> Option<&Plan> {
         self.plan.as_ref().ok()

@@ -49,10 +49,22 @@ pub struct ServeConfig {
     #[arg(long, env = "FMNIST_MODEL_NAME")]
     pub model_name: Option<String>,
 
+    /// The served model's version in the v2 routes (`/v2/models/NAME/versions/VERSION/...`
+    /// and gRPC's model_version). Other versions get 404 / NOT_FOUND.
+    #[arg(long, env = "FMNIST_MODEL_VERSION", default_value = "1")]
+    pub model_version: String,
+
     /// Address and port to listen on. Use 0.0.0.0:8080 to accept connections from other
     /// machines (and put TLS in front of it: Basic auth sends passwords in every request).
     #[arg(long, env = "FMNIST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+
+    /// Address and port for the gRPC listener (the Open Inference Protocol's
+    /// inference.GRPCInferenceService, as tritonclient.grpc and kserve speak it). Off unless
+    /// set; `make serve` uses 127.0.0.1:8081. It shares the HTTP listener's credentials, TLS
+    /// files, batcher and limits.
+    #[arg(long, env = "FMNIST_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
 
     /// File of 'user:$argon2id$...' lines (make one with `fmnist-serve hash-password USER`).
     /// For development, FMNIST_BASIC_AUTH=user:password may be set instead or as well.

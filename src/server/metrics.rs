@@ -5,6 +5,17 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use super::Protocol;
+
+impl Protocol {
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
 /// A cumulative histogram with fixed upper bounds.
 #[derive(Debug, Clone)]
 struct Histogram {
@@ -61,8 +72,9 @@ const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.
 
 #[derive(Debug, Default)]
 struct Inner {
-    requests: BTreeMap<(&'static str, u16), u64>,
-    latency: BTreeMap<&'static str, Histogram>,
+    /// By (protocol, route, status): HTTP's status, or gRPC's status code number (0 is OK).
+    requests: BTreeMap<(&'static str, &'static str, u16), u64>,
+    latency: BTreeMap<(&'static str, &'static str), Histogram>,
     batch_size: Option<Histogram>,
     inference: Option<Histogram>,
 }
@@ -78,12 +90,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Records one answered request.
-    pub fn request(&self, route: &'static str, status: u16, seconds: f64) {
+    /// Records one answered request (an HTTP request or a gRPC call); `route` is the HTTP
+    /// route template or the gRPC method's path.
+    pub fn request(&self, protocol: Protocol, route: &'static str, status: u16, seconds: f64) {
+        let p = protocol.label();
         let mut m = self.inner.lock().expect("metrics lock");
-        *m.requests.entry((route, status)).or_default() += 1;
+        *m.requests.entry((p, route, status)).or_default() += 1;
         m.latency
-            .entry(route)
+            .entry((p, route))
             .or_insert_with(|| Histogram::new(LATENCY_BOUNDS))
             .observe(seconds);
     }
@@ -103,23 +117,23 @@ impl Metrics {
     pub fn render(&self) -> String {
         let m = self.inner.lock().expect("metrics lock").clone_inner();
         let mut out = String::new();
-        out.push_str("# HELP fmnist_requests_total Requests answered, by route and status.\n");
+        out.push_str("# HELP fmnist_requests_total Requests answered, by protocol, route and status (HTTP status; gRPC status code, 0 = OK).\n");
         out.push_str("# TYPE fmnist_requests_total counter\n");
-        for ((route, status), n) in &m.requests {
+        for ((protocol, route, status), n) in &m.requests {
             let _ = writeln!(
                 out,
-                "fmnist_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                "fmnist_requests_total{{protocol=\"{protocol}\",route=\"{route}\",status=\"{status}\"}} {n}"
             );
         }
         out.push_str(
-            "# HELP fmnist_request_duration_seconds Time from request to response, by route.\n",
+            "# HELP fmnist_request_duration_seconds Time from request to response, by protocol and route.\n",
         );
         out.push_str("# TYPE fmnist_request_duration_seconds histogram\n");
-        for (route, h) in &m.latency {
+        for ((protocol, route), h) in &m.latency {
             h.render(
                 &mut out,
                 "fmnist_request_duration_seconds",
-                &format!("route=\"{route}\""),
+                &format!("protocol=\"{protocol}\",route=\"{route}\""),
             );
         }
         out.push_str("# HELP fmnist_batch_size Images per forward pass of the model.\n");
@@ -170,18 +184,25 @@ mod tests {
     #[test]
     fn renders_counters_and_cumulative_buckets() {
         let m = Metrics::default();
-        m.request("/predict", 200, 0.002);
-        m.request("/predict", 200, 0.02);
-        m.request("/predict", 401, 0.001);
+        m.request(Protocol::Http, "/predict", 200, 0.002);
+        m.request(Protocol::Http, "/predict", 200, 0.02);
+        m.request(Protocol::Http, "/predict", 401, 0.001);
+        m.request(Protocol::Grpc, "/inference.GRPCInferenceService/ModelInfer", 0, 0.001);
         m.batch(3, 0.001);
         let text = m.render();
-        assert!(text.contains("fmnist_requests_total{route=\"/predict\",status=\"200\"} 2"));
-        assert!(text.contains("fmnist_requests_total{route=\"/predict\",status=\"401\"} 1"));
         assert!(text.contains(
-            "fmnist_request_duration_seconds_bucket{route=\"/predict\",le=\"0.0025\"} 2"
+            "fmnist_requests_total{protocol=\"http\",route=\"/predict\",status=\"200\"} 2"
         ));
-        assert!(text
-            .contains("fmnist_request_duration_seconds_bucket{route=\"/predict\",le=\"+Inf\"} 3"));
+        assert!(text.contains(
+            "fmnist_requests_total{protocol=\"http\",route=\"/predict\",status=\"401\"} 1"
+        ));
+        assert!(text.contains("fmnist_requests_total{protocol=\"grpc\",route=\"/inference.GRPCInferenceService/ModelInfer\",status=\"0\"} 1"));
+        assert!(text.contains(
+            "fmnist_request_duration_seconds_bucket{protocol=\"http\",route=\"/predict\",le=\"0.0025\"} 2"
+        ));
+        assert!(text.contains(
+            "fmnist_request_duration_seconds_bucket{protocol=\"http\",route=\"/predict\",le=\"+Inf\"} 3"
+        ));
         assert!(text.contains("fmnist_batch_size_bucket{le=\"4\"} 1"));
         assert!(text.contains("fmnist_batch_size_bucket{le=\"2\"} 0"));
         assert!(text.contains("fmnist_queue_depth 0"));

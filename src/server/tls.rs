@@ -27,9 +27,31 @@ pub enum TlsError {
     },
 }
 
-/// Builds the acceptor from a PEM certificate chain (leaf first) and a PEM private key
-/// (PKCS#8, PKCS#1 or SEC1). Offers HTTP/1.1 by ALPN.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+/// The TLS acceptors of both listeners, from one certificate and key.
+#[derive(Clone)]
+pub struct TlsAcceptors {
+    /// The HTTP listener: offers `http/1.1` by ALPN (the server speaks HTTP/1.1 there).
+    pub http: TlsAcceptor,
+    /// The gRPC listener: offers `h2`, which gRPC clients require.
+    pub grpc: TlsAcceptor,
+}
+
+/// Builds the acceptors from a PEM certificate chain (leaf first) and a PEM private key
+/// (PKCS#8, PKCS#1 or SEC1).
+pub fn acceptors(cert: &Path, key: &Path) -> Result<TlsAcceptors, TlsError> {
+    let config = server_config(cert, key)?;
+    let with_alpn = |proto: &[u8]| {
+        let mut c = config.clone();
+        c.alpn_protocols = vec![proto.to_vec()];
+        TlsAcceptor::from(Arc::new(c))
+    };
+    Ok(TlsAcceptors {
+        http: with_alpn(b"http/1.1"),
+        grpc: with_alpn(b"h2"),
+    })
+}
+
+fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, TlsError> {
     let cert_err = |message: String| TlsError::Cert {
         path: cert.to_path_buf(),
         message,
@@ -50,15 +72,12 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         key: key.to_path_buf(),
         message,
     };
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| config_err(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(chain, private)
-            .map_err(|e| config_err(e.to_string()))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| config_err(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| config_err(e.to_string()))
 }
 
 #[cfg(test)]
@@ -66,7 +85,7 @@ mod tests {
     use super::*;
 
     fn err(cert: &Path, key: &Path) -> String {
-        match acceptor(cert, key) {
+        match acceptors(cert, key) {
             Ok(_) => panic!("{} / {} accepted", cert.display(), key.display()),
             Err(e) => e.to_string(),
         }
@@ -98,8 +117,8 @@ mod tests {
         let other = rcgen::generate_simple_self_signed(vec!["other".into()]).unwrap();
         let key = dir.path().join("key.pem");
         std::fs::write(&key, other.key_pair.serialize_pem()).unwrap();
-        assert!(acceptor(&cert, &key).is_err());
+        assert!(acceptors(&cert, &key).is_err());
         std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
-        assert!(acceptor(&cert, &key).is_ok());
+        assert!(acceptors(&cert, &key).is_ok());
     }
 }

@@ -1,7 +1,6 @@
-//! Request and response bodies of `/predict` and the Open Inference Protocol (v2) routes,
-//! with validation that names the offending value.
+//! Request and response bodies of `/predict`, with validation that names the offending value.
 
-use super::error::ApiError;
+use super::super::error::ApiError;
 use super::json::Json;
 use crate::classes::{CLASS_NAMES, IMAGE_PIXELS, NUM_CLASSES};
 use crate::onnx::model::{argmax, softmax_rows};
@@ -204,165 +203,6 @@ pub fn prediction(logits: &[f32]) -> Value {
     })
 }
 
-/// A parsed v2 infer request.
-#[derive(Debug)]
-pub struct InferRequest {
-    pub id: Option<Value>,
-    pub pixels: Vec<f32>,
-    pub n: usize,
-    /// Requested outputs: "logits" and/or "probabilities".
-    pub outputs: Vec<String>,
-}
-
-fn push_unit(x: f64, out: &mut Vec<f32>, limit: usize) -> Result<(), ApiError> {
-    if out.len() >= limit {
-        return Err(ApiError::Unprocessable(format!(
-            "input data has more values than its shape allows ({limit})"
-        )));
-    }
-    if !(0.0..=1.0).contains(&x) {
-        return Err(ApiError::Unprocessable(format!(
-            "input data[{}] is {x}; FP32 pixels must be within 0–1",
-            out.len()
-        )));
-    }
-    out.push(x as f32);
-    Ok(())
-}
-
-fn flatten_numbers(v: &Json, out: &mut Vec<f32>, limit: usize) -> Result<(), ApiError> {
-    match v {
-        Json::Nums(xs) => xs.iter().try_for_each(|&x| push_unit(x, out, limit)),
-        Json::Arr(items) => items
-            .iter()
-            .try_for_each(|item| flatten_numbers(item, out, limit)),
-        Json::Num(x) => push_unit(*x, out, limit),
-        other => Err(ApiError::Unprocessable(format!(
-            "input data[{}] is {other}, not a number",
-            out.len()
-        ))),
-    }
-}
-
-/// `{"inputs": [{"name", "shape": [N,784] | [N,1,28,28], "datatype": "FP32", "data": [...]}],
-///   "outputs": [{"name": "logits" | "probabilities"}]}`
-pub fn parse_infer(body: &Json, max_images: usize) -> Result<InferRequest, ApiError> {
-    let bad = |m: String| ApiError::Unprocessable(m);
-    if !body.is_object() {
-        return Err(bad("body must be a JSON object".into()));
-    }
-    let inputs = body
-        .get("inputs")
-        .ok_or_else(|| bad("\"inputs\" must be an array with one tensor".into()))?;
-    let count = inputs
-        .array_len()
-        .ok_or_else(|| bad("\"inputs\" must be an array with one tensor".into()))?;
-    if count != 1 {
-        return Err(bad(format!(
-            "expected exactly one input tensor, got {count}"
-        )));
-    }
-    let input = match inputs {
-        Json::Arr(items) if items[0].is_object() => &items[0],
-        _ => return Err(bad("inputs[0] must be an object".into())),
-    };
-    let datatype = input.get("datatype").and_then(Json::as_str).unwrap_or("");
-    if datatype != "FP32" {
-        return Err(bad(format!(
-            "inputs[0].datatype is {datatype:?}; expected \"FP32\""
-        )));
-    }
-    let shape: Vec<u64> = match input.get("shape") {
-        Some(Json::Nums(dims))
-            if dims
-                .iter()
-                .all(|&d| d >= 0.0 && d.fract() == 0.0 && d < 1e12) =>
-        {
-            dims.iter().map(|&d| d as u64).collect()
-        }
-        _ => {
-            return Err(bad(
-                "inputs[0].shape must be an array of non-negative integers".into(),
-            ))
-        }
-    };
-    let n = match shape.as_slice() {
-        [n, 784] | [n, 1, 28, 28] => *n as usize,
-        _ => {
-            return Err(bad(format!(
-                "inputs[0].shape is {shape:?}; expected [N,784] or [N,1,28,28]"
-            )))
-        }
-    };
-    if n == 0 || n > max_images {
-        return Err(bad(format!("batch size {n} must be within 1–{max_images}")));
-    }
-    let data = input
-        .get("data")
-        .ok_or_else(|| bad("inputs[0].data is missing".into()))?;
-    let mut pixels = Vec::with_capacity(n * IMAGE_PIXELS);
-    flatten_numbers(data, &mut pixels, n * IMAGE_PIXELS)?;
-    if pixels.len() != n * IMAGE_PIXELS {
-        return Err(bad(format!(
-            "inputs[0].data has {} values; shape {shape:?} needs {}",
-            pixels.len(),
-            n * IMAGE_PIXELS
-        )));
-    }
-    let outputs = match body.get("outputs") {
-        None => vec!["logits".to_string()],
-        Some(list) => {
-            let items: &[Json] = match list {
-                Json::Arr(items) => items,
-                Json::Nums(nums) if nums.is_empty() => &[],
-                Json::Nums(_) => return Err(bad("\"outputs\" must hold objects".into())),
-                _ => return Err(bad("\"outputs\" must be an array".into())),
-            };
-            let mut names = Vec::new();
-            for o in items {
-                let name = o.get("name").and_then(Json::as_str).unwrap_or("");
-                if name != "logits" && name != "probabilities" {
-                    return Err(bad(format!(
-                        "unknown output {name:?}; available: \"logits\", \"probabilities\""
-                    )));
-                }
-                names.push(name.to_string());
-            }
-            if names.is_empty() {
-                names.push("logits".into());
-            }
-            names
-        }
-    };
-    Ok(InferRequest {
-        id: body.get("id").map(Json::to_value),
-        pixels,
-        n,
-        outputs,
-    })
-}
-
-/// The v2 infer response.
-pub fn infer_response(model: &str, req: &InferRequest, logits: &[f32]) -> Value {
-    let outputs: Vec<Value> = req
-        .outputs
-        .iter()
-        .map(|name| {
-            let data = if name == "probabilities" {
-                softmax_rows(logits, NUM_CLASSES)
-            } else {
-                logits.to_vec()
-            };
-            json!({ "name": name, "datatype": "FP32", "shape": [req.n, NUM_CLASSES], "data": data })
-        })
-        .collect();
-    let mut body = json!({ "model_name": model, "model_version": "1", "outputs": outputs });
-    if let Some(id) = &req.id {
-        body["id"] = id.clone();
-    }
-    body
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,29 +261,6 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(first, "T-shirt/top");
-    }
-
-    #[test]
-    fn infer_accepts_both_shapes_and_nested_data() {
-        let flat = json!({"inputs": [{"name": "pixels", "shape": [2, 784], "datatype": "FP32", "data": vec![0.5; 1568]}]});
-        let r = parse_infer(&j(&flat), 8).unwrap();
-        assert_eq!((r.n, r.outputs.clone()), (2, vec!["logits".to_string()]));
-        let nested = json!({"inputs": [{"name": "pixels", "shape": [1, 1, 28, 28], "datatype": "FP32",
-            "data": [[vec![vec![0.25; 28]; 28]]]}], "outputs": [{"name": "probabilities"}], "id": "x"});
-        let r = parse_infer(&j(&nested), 8).unwrap();
-        assert_eq!(r.pixels.len(), 784);
-        let out = infer_response("m", &r, &[0.0; 10]);
-        assert_eq!(out["outputs"][0]["shape"], json!([1, 10]));
-        assert_eq!(out["id"], "x");
-        for bad in [
-            json!({"inputs": [{"shape": [1, 784], "datatype": "INT8", "data": vec![0; 784]}]}),
-            json!({"inputs": [{"shape": [1, 783], "datatype": "FP32", "data": vec![0; 783]}]}),
-            json!({"inputs": [{"shape": [1, 784], "datatype": "FP32", "data": vec![0; 700]}]}),
-            json!({"inputs": [{"shape": [1, 784], "datatype": "FP32", "data": vec![2.0; 784]}]}),
-            json!({"inputs": []}),
-        ] {
-            assert!(parse_infer(&j(&bad), 8).is_err(), "{bad}");
-        }
     }
 
     /// The fast path accepts exactly what it claims and gives the general parser's pixels.

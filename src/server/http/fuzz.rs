@@ -2,8 +2,9 @@
 //! and the preprocessing those pixels go through. Case counts follow `PROPTEST_CASES`
 //! (256 by default; `make fuzz` runs many more for a bounded time).
 
-use super::api::{fast_single_image, parse_infer, parse_json, parse_predict};
-use super::error::ApiError;
+use super::predict::{fast_single_image, parse_json, parse_predict};
+use super::v2::{decode, parse_infer};
+use crate::server::error::ApiError;
 use crate::preprocess::{batch_from_unit, resize_bilinear, InputLayout};
 use candle_core::Device;
 use proptest::prelude::*;
@@ -45,7 +46,7 @@ proptest! {
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         match parse_json(&bytes) {
             Ok(j) => {
-                for r in [parse_predict(&j, 8).err(), parse_infer(&j, 8).err()].into_iter().flatten() {
+                for r in [parse_predict(&j, 8).err(), parse_infer(&j, None, 8).err()].into_iter().flatten() {
                     prop_assert!(is_client_error(&r), "{r}");
                 }
             }
@@ -59,10 +60,57 @@ proptest! {
             if let Err(e) = parse_predict(&j, 8) {
                 prop_assert!(is_client_error(&e), "{e}");
             }
-            if let Err(e) = parse_infer(&j, 8) {
+            if let Err(e) = parse_infer(&j, None, 8) {
                 prop_assert!(is_client_error(&e), "{e}");
             }
         }
+    }
+
+    /// Arbitrary bytes behind a binary-extension header (any header length, any body) are
+    /// refused as client errors or decoded, never a panic.
+    #[test]
+    fn binary_framing_never_panics(
+        head in jsonish(),
+        tail in proptest::collection::vec(any::<u8>(), 0..4000),
+        cut in any::<prop::sample::Index>(),
+        header in prop_oneof![Just(None), Just(Some(0usize)), (0usize..5000).prop_map(Some)],
+    ) {
+        let mut body = head.into_bytes();
+        let json_len = body.len();
+        body.extend_from_slice(&tail);
+        for h in [header, Some(json_len), Some(cut.index(body.len() + 1))] {
+            if let Err(e) = decode(&body, h, 8) {
+                prop_assert!(is_client_error(&e), "{e}");
+            }
+        }
+    }
+
+    /// The same tensor sent as JSON numbers and as binary FP32 decodes to the same request
+    /// (so the same outputs): values are any f32 within 0–1, as a client's numpy would send.
+    #[test]
+    fn json_and_binary_encodings_decode_identically(
+        values in proptest::collection::vec(0f32..=1f32, 784..=784 * 3),
+        nested in any::<bool>(),
+        classification in proptest::option::of(1i64..=10),
+    ) {
+        let n = values.len() / 784;
+        let values = &values[..n * 784];
+        let shape = if nested { serde_json::json!([n, 1, 28, 28]) } else { serde_json::json!([n, 784]) };
+        let outputs = match classification {
+            Some(k) => serde_json::json!([{"name": "probabilities", "parameters": {"classification": k}}]),
+            None => serde_json::json!([{"name": "logits"}]),
+        };
+        let as_json = serde_json::json!({"id": "p", "inputs": [{"name": "input", "shape": shape,
+            "datatype": "FP32", "data": values}], "outputs": outputs});
+        let from_json = decode(as_json.to_string().as_bytes(), None, 8).unwrap();
+        let head = serde_json::json!({"id": "p", "inputs": [{"name": "input", "shape": shape,
+            "datatype": "FP32", "parameters": {"binary_data_size": values.len() * 4}}], "outputs": outputs});
+        let mut body = head.to_string().into_bytes();
+        let header = body.len();
+        body.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        let from_binary = decode(&body, Some(header), 8).unwrap();
+        prop_assert_eq!(&from_json, &from_binary);
+        prop_assert_eq!(&from_json.pixels[..], values);
     }
 
     #[test]

@@ -1,0 +1,433 @@
+//! The HTTP front end: one `match` over (method, path), authentication, body limits, and
+//! the translation of every outcome into a response. `/predict` is fmnist's own contract;
+//! `/v2` is the Open Inference Protocol's REST form (JSON and binary tensors).
+
+pub mod json;
+pub mod openapi;
+pub mod predict;
+pub mod v2;
+#[cfg(test)]
+mod fuzz;
+
+use super::error::ApiError;
+use super::infer;
+use super::{AppState, Protocol};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A model named in a v2 path, with the version when the path is versioned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPath {
+    pub name: String,
+    pub version: Option<String>,
+}
+
+/// A resolved path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Predict,
+    Server,
+    Live,
+    Ready,
+    Model(ModelPath),
+    ModelReady(ModelPath),
+    Config(ModelPath),
+    Infer(ModelPath),
+    Metrics,
+    OpenApi,
+}
+
+impl Route {
+    /// Resolves a path, or `None` for an unknown one.
+    pub fn resolve(path: &str) -> Option<Route> {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        Some(match segments.as_slice() {
+            ["predict"] => Route::Predict,
+            ["v2"] => Route::Server,
+            ["v2", "health", "live"] => Route::Live,
+            ["v2", "health", "ready"] => Route::Ready,
+            ["v2", "models", name, rest @ ..] if !name.is_empty() => {
+                let (version, tail) = match rest {
+                    ["versions", v, tail @ ..] if !v.is_empty() => (Some(v.to_string()), tail),
+                    _ => (None, rest),
+                };
+                let m = ModelPath {
+                    name: name.to_string(),
+                    version,
+                };
+                match tail {
+                    [] => Route::Model(m),
+                    ["ready"] => Route::ModelReady(m),
+                    ["config"] => Route::Config(m),
+                    ["infer"] => Route::Infer(m),
+                    _ => return None,
+                }
+            }
+            ["metrics"] => Route::Metrics,
+            ["openapi.json"] => Route::OpenApi,
+            _ => return None,
+        })
+    }
+
+    /// The one method this route answers.
+    pub fn method(&self) -> Method {
+        match self {
+            Route::Predict | Route::Infer(_) => Method::POST,
+            _ => Method::GET,
+        }
+    }
+
+    /// The route's template, used as the metrics label (bounded cardinality).
+    pub fn label(&self) -> &'static str {
+        let versioned = |m: &ModelPath, plain: &'static str, with: &'static str| {
+            if m.version.is_some() {
+                with
+            } else {
+                plain
+            }
+        };
+        match self {
+            Route::Predict => "/predict",
+            Route::Server => "/v2",
+            Route::Live => "/v2/health/live",
+            Route::Ready => "/v2/health/ready",
+            Route::Model(m) => versioned(
+                m,
+                "/v2/models/{name}",
+                "/v2/models/{name}/versions/{version}",
+            ),
+            Route::ModelReady(m) => versioned(
+                m,
+                "/v2/models/{name}/ready",
+                "/v2/models/{name}/versions/{version}/ready",
+            ),
+            Route::Config(m) => versioned(
+                m,
+                "/v2/models/{name}/config",
+                "/v2/models/{name}/versions/{version}/config",
+            ),
+            Route::Infer(m) => versioned(
+                m,
+                "/v2/models/{name}/infer",
+                "/v2/models/{name}/versions/{version}/infer",
+            ),
+            Route::Metrics => "/metrics",
+            Route::OpenApi => "/openapi.json",
+        }
+    }
+
+    /// Prediction, metadata and configuration need credentials; health, readiness, metrics
+    /// and the documents do not (versioned routes like their unversioned twins).
+    fn needs_auth(&self) -> bool {
+        matches!(
+            self,
+            Route::Predict | Route::Model(_) | Route::Config(_) | Route::Infer(_)
+        )
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    let mut r = json_response(e.status(), &e.body());
+    for (k, v) in e.headers() {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            r.headers_mut().insert(k, v);
+        }
+    }
+    r
+}
+
+/// The request id: the client's `x-request-id` when it is short printable ASCII, else a new one.
+fn request_id(req: &Request<Incoming>, state: &AppState) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                state.id_prefix,
+                state.next_id.fetch_add(1, Ordering::Relaxed)
+            )
+        })
+}
+
+/// Entry point for every request.
+pub async fn handle(
+    state: Arc<AppState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let id = request_id(&req, &state);
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let route = Route::resolve(&path);
+    let label = route.as_ref().map_or("other", Route::label);
+    let result = dispatch(&state, peer, route, req).await;
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let status = resp.status().as_u16();
+    let seconds = started.elapsed().as_secs_f64();
+    state.metrics.request(Protocol::Http, label, status, seconds);
+    // The path is logged, never headers: Authorization must not reach the logs.
+    tracing::info!(request_id = %id, %peer, %method, route = label, status, ms = seconds * 1e3, "request");
+    Ok(resp)
+}
+
+async fn dispatch(
+    state: &AppState,
+    peer: SocketAddr,
+    route: Option<Route>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let route = route.ok_or_else(|| ApiError::NotFound(req.uri().path().to_string()))?;
+    if req.method() != route.method() {
+        return Err(ApiError::MethodNotAllowed {
+            method: req.method().to_string(),
+            allow: if route.method() == Method::POST {
+                "POST"
+            } else {
+                "GET"
+            },
+        });
+    }
+    if route.needs_auth() {
+        let header = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        state.authenticate(peer.ip(), header).await?;
+    }
+    let known = |m: &ModelPath| state.model.check(&m.name, m.version.as_deref());
+    // Readiness is told by the status code (tritonclient reads only that), with the body.
+    let readiness = |body: Value| {
+        let status = if state.is_ready() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        Ok(json_response(status, &body))
+    };
+    match route {
+        Route::Live => Ok(json_response(StatusCode::OK, &json!({ "live": true }))),
+        Route::Ready => readiness(json!({ "ready": state.is_ready() })),
+        Route::Server => Ok(json_response(StatusCode::OK, &v2::server_metadata())),
+        Route::Model(m) => {
+            known(&m)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &v2::model_metadata(&state.model),
+            ))
+        }
+        Route::ModelReady(m) => {
+            known(&m)?;
+            readiness(json!({ "name": m.name, "ready": state.is_ready() }))
+        }
+        Route::Config(m) => {
+            known(&m)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &v2::model_config(&state.model),
+            ))
+        }
+        Route::Metrics => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(r)
+        }
+        Route::OpenApi => Ok(json_response(StatusCode::OK, &state.openapi)),
+        Route::Predict => {
+            let arriving = state.batcher.arriving()?;
+            let body = read_body(req, state.config.max_body_bytes, BodyKind::Json).await?;
+            let parsed = match predict::fast_single_image(&body) {
+                Some(pixels) => predict::PredictRequest {
+                    pixels,
+                    n: 1,
+                    single: true,
+                },
+                None => predict::parse_predict(
+                    &predict::parse_json(&body)?,
+                    state.config.max_images,
+                )?,
+            };
+            let logits = state
+                .batcher
+                .infer(arriving, parsed.pixels, parsed.n)
+                .await?;
+            let mut preds = logits
+                .chunks_exact(crate::NUM_CLASSES)
+                .map(predict::prediction);
+            let body = if parsed.single {
+                preds.next().unwrap_or(Value::Null)
+            } else {
+                json!({ "predictions": preds.collect::<Vec<_>>() })
+            };
+            Ok(json_response(StatusCode::OK, &body))
+        }
+        Route::Infer(m) => {
+            known(&m)?;
+            let arriving = state.batcher.arriving()?;
+            let header_len = req
+                .headers()
+                .get(v2::HEADER_LENGTH)
+                .map(|v| v2::header_length(v.as_bytes()))
+                .transpose()?;
+            let binary_type = is_octet_stream(&req);
+            let body = read_body(req, state.config.max_body_bytes, BodyKind::Infer).await?;
+            if binary_type && header_len.is_none() {
+                return Err(ApiError::BadRequest(
+                    "an application/octet-stream body needs the Inference-Header-Content-Length                      header (the binary tensor data extension)"
+                        .into(),
+                ));
+            }
+            let mut parsed = v2::decode(&body, header_len, state.config.max_images)?;
+            drop(body);
+            // The pixels go to the batcher; the response needs only the rest.
+            let pixels = std::mem::take(&mut parsed.pixels);
+            let logits = state.batcher.infer(arriving, pixels, parsed.n).await?;
+            let tensors = infer::outputs(&parsed, &logits);
+            let encoded = v2::encode(&state.model, parsed.id.as_deref(), &tensors);
+            let mut r = Response::new(Full::new(Bytes::from(encoded.body)));
+            let headers = r.headers_mut();
+            match encoded.header_len {
+                None => {
+                    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                }
+                Some(n) => {
+                    headers.insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                    headers.insert(v2::HEADER_LENGTH, HeaderValue::from(n));
+                }
+            }
+            Ok(r)
+        }
+    }
+}
+
+/// The media type of a request, lower-cased without parameters.
+fn media_type(req: &Request<Incoming>) -> Option<String> {
+    req.headers().get(CONTENT_TYPE).map(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    })
+}
+
+fn is_octet_stream(req: &Request<Incoming>) -> bool {
+    media_type(req).as_deref() == Some("application/octet-stream")
+}
+
+/// What a route's body may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    /// `/predict`: JSON only.
+    Json,
+    /// v2 infer: JSON, `application/octet-stream` (the binary extension) or no
+    /// Content-Type at all, as tritonclient sends.
+    Infer,
+}
+
+/// Checks the content type, refuses bodies over `limit` before reading them when the size is
+/// announced, and stops reading at `limit` when it is not (chunked bodies). The limit covers
+/// the whole body, binary sections included.
+async fn read_body(req: Request<Incoming>, limit: usize, kind: BodyKind) -> Result<Bytes, ApiError> {
+    let mime = media_type(&req);
+    let ok = match mime.as_deref() {
+        Some(m) if m == "application/json" || (m.starts_with("application/") && m.ends_with("+json")) => true,
+        Some("application/octet-stream") => kind == BodyKind::Infer,
+        None => kind == BodyKind::Infer,
+        Some(_) => false,
+    };
+    if !ok {
+        let got = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).chars().take(100).collect())
+            .unwrap_or_else(|| "no Content-Type".into());
+        return Err(ApiError::UnsupportedMediaType {
+            expected: match kind {
+                BodyKind::Json => "application/json",
+                BodyKind::Infer => "application/json or application/octet-stream",
+            },
+            got,
+        });
+    }
+    let body = req.into_body();
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "could not read the body: {e}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_route_resolves_with_its_method() {
+        for (method, template) in openapi::ROUTES {
+            let path = template
+                .replace("{name}", "fmnist-cnn")
+                .replace("{version}", "1");
+            let route = Route::resolve(&path).unwrap_or_else(|| panic!("{path} does not resolve"));
+            assert_eq!(route.method().as_str(), *method, "{path}");
+            assert_eq!(route.label(), *template);
+        }
+    }
+
+    #[test]
+    fn unknown_paths_do_not_resolve() {
+        for p in [
+            "/",
+            "/predict/x",
+            "/v2/models",
+            "/v2/models//infer",
+            "/v2/models/m/versions//infer",
+            "/v2/models/m/versions/1/x",
+            "/v2/models/m/x",
+            "/v2/health",
+            "/metricsx",
+        ] {
+            assert_eq!(Route::resolve(p), None, "{p}");
+        }
+    }
+}
