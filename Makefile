@@ -13,11 +13,11 @@ FMNIST_URL ?= http://fashion-mnist.s3-website.eu-central-1.amazonaws.com
 MODEL ?= weights/fmnist-cnn.onnx
 VENV ?= .venv
 
-.PHONY: help deps deps-data build data train eval serve test test-rust test-onnxruntime check-shipped \
+.PHONY: oip-clients help deps deps-data build data train eval serve test test-rust test-onnxruntime check-shipped \
         bench bench-train bench-serve bench-vgg bench-kernels soak soak-ci fuzz schemathesis vgg16-weights train-vgg postman image image-run image-test k8s-validate fmt lint clean
 
 help:
-	@echo "make serve        serve $(MODEL) on http://127.0.0.1:8080 (dev credentials admin/password123)"
+	@echo "make serve        serve $(MODEL) on http://127.0.0.1:8080, gRPC on 127.0.0.1:8081 (dev credentials admin/password123)"
 	@echo "make train        train the default CNN on the full training set -> $(MODEL)"
 	@echo "make eval         evaluate $(MODEL) on the official test set"
 	@echo "make vgg16-weights download timm's ImageNet VGG16 (528 MB) to $(VGG16_WEIGHTS)"
@@ -25,6 +25,7 @@ help:
 	@echo "make test         the whole test suite (what CI runs)"
 	@echo "make data         data/fashion-mnist_{train,test}.csv from the official files"
 	@echo "make postman      run the Postman collection with newman against a fresh server"
+	@echo "make oip-clients  tritonclient (HTTP, gRPC) and kserve against a fresh server, plus a short fmnist-load run"
 	@echo "make image        static fmnist-serve (musl) in a FROM scratch image $(IMAGE)"
 	@echo "make image-run    run the image on port 8080 (dev credentials admin/password123)"
 	@echo "make image-test   check the image end to end (what CI runs)"
@@ -32,7 +33,7 @@ help:
 	@echo "make bench        all benchmarks (bench-kernels, bench-train, bench-serve, bench-vgg)"
 	@echo "make bench-kernels stock candle vs fmnist kernels vs onnxruntime: training step, inference, VGG16"
 	@echo "make bench-train  training throughput and time-to-accuracy on the full data"
-	@echo "make bench-serve  HTTP load test of POST /predict with wrk"
+	@echo "make bench-serve  load test: POST /predict with wrk; v2 JSON, binary and gRPC with fmnist-load"
 	@echo "make bench-vgg    VGG16 feature extraction (img/s at 224 and 64) and head-training time"
 	@echo "make soak         10-minute load at capacity: errors and memory growth (soak-ci: 45 s)"
 	@echo "make schemathesis API conformance: schemathesis against /openapi.json of a live server"
@@ -101,7 +102,7 @@ train-vgg: build data $(VGG16_WEIGHTS)
 # Development server: the documented development credentials, on loopback only.
 serve: build
 	@echo "fmnist-serve: development credentials admin / password123 (FMNIST_BASIC_AUTH); do not use them in production"
-	FMNIST_BASIC_AUTH=admin:password123 $(RELEASE)/fmnist-serve --model $(MODEL)
+	FMNIST_BASIC_AUTH=admin:password123 $(RELEASE)/fmnist-serve --model $(MODEL) --grpc-listen 127.0.0.1:8081
 
 eval: build data
 	$(TRAIN) eval --model $(MODEL) --data data/fashion-mnist_test.csv --json target/eval.json
@@ -164,6 +165,18 @@ test-onnxruntime: build $(VENV)/.ok
 	$(TRAIN) eval --model target/ort-vgg/vgg.onnx --data fixtures/sample.csv --logits-out target/ort-vgg/logits.json >/dev/null
 	$(VENV)/bin/python scripts/onnxruntime_agrees.py target/ort-vgg/vgg.onnx fixtures/sample.csv target/ort-vgg/logits.json
 
+# Real third-party Open Inference Protocol clients (tritonclient[http,grpc] and kserve from
+# PyPI, in the project's venv) against a live server with its gRPC listener, compared with
+# `fmnist-train eval` on the fixture images; then a bounded fmnist-load run of the three
+# encodings at 32 and 1 connections that must see 0 errors.
+OIP_ADDR ?= 127.0.0.1:18083
+OIP_GRPC_ADDR ?= 127.0.0.1:18084
+$(VENV)/.clients-ok: scripts/requirements-clients.txt $(VENV)/.ok
+	$(VENV)/bin/pip install -q -r scripts/requirements-clients.txt
+	touch $@
+oip-clients: build $(VENV)/.clients-ok
+	@bash scripts/oip_clients.sh $(RELEASE) $(MODEL) $(OIP_ADDR) $(OIP_GRPC_ADDR) $(VENV)/bin/python
+
 # ---- benchmarks --------------------------------------------------------------------------
 # The Postman collection, run by newman against a freshly started server.
 postman: build
@@ -185,9 +198,12 @@ bench-kernels: build $(VENV)/.ok
 	else echo "PyTorch row skipped: $(TORCH_PY) cannot import torch (set TORCH_PY)"; fi
 
 BENCH_ADDR ?= 127.0.0.1:18080
+BENCH_GRPC_ADDR ?= 127.0.0.1:18079
+BENCH_SECONDS ?= 10
 bench-serve: build
 	$(call need_pkg,wrk,command -v wrk)
-	@bash scripts/bench_serve.sh $(RELEASE)/fmnist-serve $(MODEL) $(BENCH_ADDR)
+	@bash scripts/bench_serve.sh $(RELEASE)/fmnist-serve $(MODEL) $(BENCH_ADDR) $(BENCH_GRPC_ADDR) \
+	  $(RELEASE)/fmnist-load $(BENCH_SECONDS)
 
 # Uses $(VGG16_WEIGHTS) when present, else formula weights of the same shapes (speed does
 # not depend on the values).

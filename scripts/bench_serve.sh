@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Load test of POST /predict: starts fmnist-serve, warms up, then drives single-image requests
-# with Basic auth over keep-alive connections with wrk, at 32 connections and at 1.
-# usage: bench_serve.sh SERVE_BINARY MODEL ADDR
+# Load test: starts fmnist-serve (HTTP and gRPC), warms up, then drives single-image requests
+# with Basic auth over keep-alive connections at 32 connections and at 1: POST /predict with
+# wrk, then the Open Inference Protocol's three encodings (JSON, binary, gRPC) with
+# fmnist-load, one client for all three. Beside each fmnist-load row: the server's own CPU time
+# per request (from /proc), which the client's share of the machine does not move.
+# usage: bench_serve.sh SERVE_BINARY MODEL ADDR GRPC_ADDR LOAD_BINARY [SECONDS]
 set -euo pipefail
-bin=$1 model=$2 addr=$3
+bin=$1 model=$2 addr=$3 grpc_addr=$4 load=$5 secs=${6:-10}
 source "$(dirname "$0")/server.sh"
 dir=$(mktemp -d)
 trap 'stop_server; rm -rf "$dir"' EXIT
-start_server "$bin" "$model" "$addr" bench "$dir"
+SERVER_ARGS="--grpc-listen $grpc_addr" start_server "$bin" "$model" "$addr" bench "$dir"
 
 # The request body: the first fixture image.
 single_image_body "$dir/body.json"
@@ -33,11 +36,31 @@ summary() { # label file
 rss() { awk '/^VmRSS|^VmHWM/ {printf "%s %s kB  ", $1, $2}' "/proc/$server_pid/status"; }
 rss_idle=$(rss)
 echo "warm-up (3 s, 32 connections)"; run 32 3s >/dev/null
-run 32 10s | tee "$dir/c32"
-run 1 10s | tee "$dir/c1"
+run 32 "${secs}s" | tee "$dir/c32"
+run 1 "${secs}s" | tee "$dir/c1"
 echo
 echo "== POST /predict, single image, Basic auth, keep-alive, model $model"
 summary "32 connections" "$dir/c32"
 summary "1 connection" "$dir/c1"
 echo "memory idle:       $rss_idle"
 echo "memory after load: $(rss)"
+
+# Server CPU seconds (user + system) so far.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.4f", ($14 + $15) / hz}' "/proc/$server_pid/stat"; }
+echo
+echo "== POST /v2/models/NAME/infer and gRPC ModelInfer, single image (fmnist-load; output: logits)"
+printf "%-8s %5s %10s %9s %9s %7s %14s\n" encoding conns "req/s" "p50 ms" "p99 ms" errors "server us/req"
+name=$(basename "$model" .onnx)
+for enc in json binary grpc; do
+  for conns in 32 1; do
+    FMNIST_LOAD_PASSWORD=$server_pass "$load" --http "$addr" --grpc "$grpc_addr" --model "$name" --user bench \
+      --encoding "$enc" --concurrency "$conns" --seconds 1 --warmup-secs 0 >/dev/null
+    before=$(cpu)
+    line=$(FMNIST_LOAD_PASSWORD=$server_pass "$load" --http "$addr" --grpc "$grpc_addr" --model "$name" \
+      --user bench --encoding "$enc" --concurrency "$conns" --seconds "$secs" --warmup-secs 0 | sed -n 2p)
+    after=$(cpu)
+    rps=$(awk '{print $3}' <<<"$line")
+    per=$(awk -v a="$after" -v b="$before" -v r="$rps" -v s="$secs" 'BEGIN {printf "%.0f", (a - b) * 1e6 / (r * s)}')
+    printf "%s %14s\n" "$line" "$per"
+  done
+done

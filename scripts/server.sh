@@ -4,14 +4,16 @@
 # start_server BIN MODEL ADDR USER DIR: starts fmnist-serve in the background with per-run
 # credentials (USER and a random password, left in $server_pass), logs in DIR, pid in
 # $server_pid, and waits until /v2/health/ready answers. Nothing fixed is baked into scripts.
+# Extra server flags (e.g. --grpc-listen ADDR) come from $SERVER_ARGS.
 server_pid=""
 server_pass=""
 
 start_server() {
   local bin=$1 model=$2 addr=$3 user=$4 dir=$5
   server_pass="run-$RANDOM-$RANDOM-$RANDOM"
+  # shellcheck disable=SC2086 # SERVER_ARGS is a list of flags
   FMNIST_BASIC_AUTH="$user:$server_pass" FMNIST_LOG=warn "$bin" --model "$model" --listen "$addr" \
-    >"$dir/server.out" 2>"$dir/server.err" &
+    ${SERVER_ARGS:-} >"$dir/server.out" 2>"$dir/server.err" &
   server_pid=$!
   for _ in $(seq 1 300); do
     curl -fs "http://$addr/v2/health/ready" >/dev/null 2>&1 && return 0

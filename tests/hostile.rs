@@ -33,6 +33,29 @@ fn infer(body: &str) -> Vec<u8> {
     )
 }
 
+/// A binary-extension infer request: `header` is the Inference-Header-Content-Length value
+/// (None: no header), `ctype` the Content-Type.
+fn binary(path: &str, header: Option<&str>, ctype: Option<&str>, body: &[u8]) -> Vec<u8> {
+    let mut headers = vec![("Authorization", basic(USER, PASSWORD))];
+    if let Some(h) = header {
+        headers.push(("Inference-Header-Content-Length", h.to_string()));
+    }
+    if let Some(c) = ctype {
+        headers.push(("Content-Type", c.to_string()));
+    }
+    request_bytes("POST", path, &headers, body)
+}
+
+/// The JSON header of a binary request for a [1,784] input of `size` bytes, then `tail`.
+fn framed(size: i64, tail: &[u8]) -> (Vec<u8>, String) {
+    let head = format!(
+        "{{\"inputs\":[{{\"name\":\"input\",\"shape\":[1,784],\"datatype\":\"FP32\",\"parameters\":{{\"binary_data_size\":{size}}}}}]}}"
+    );
+    let mut body = head.clone().into_bytes();
+    body.extend_from_slice(tail);
+    (body, head.len().to_string())
+}
+
 fn pixels(n: usize, v: &str) -> String {
     vec![v; n].join(",")
 }
@@ -97,6 +120,25 @@ fn cases() -> Vec<Case> {
         )
     };
     let unit = format!("[{}]", pixels(784, "0.5"));
+    let image: Vec<u8> = vec![0.5f32; 784]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let v2 = "/v2/models/fmnist-cnn/infer";
+    let (ok_framed, ok_len) = framed(3136, &image);
+    let mut nan_image = image.clone();
+    nan_image[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let (nan_framed, nan_len) = framed(3136, &nan_image);
+    let mut extra = image.clone();
+    extra.extend_from_slice(&[0; 8]);
+    let (extra_framed, extra_len) = framed(3136, &extra);
+    let (lying, lying_len) = framed(5000, &image);
+    let (short, short_len) = framed(3132, &image[..3132]);
+    let (negative, negative_len) = framed(-8, &image);
+    let cut_len = (ok_len.parse::<usize>().unwrap() - 5).to_string();
+    // A 5 MB binary body is announced (over the 4 MiB limit); only its start is sent.
+    let mut five_mb = binary(v2, Some(&ok_len), None, &vec![0u8; 5 * 1024 * 1024]);
+    five_mb.truncate(five_mb.len() - (5 * 1024 * 1024 - 64 * 1024));
     let c = |name, request, status, message| Case {
         name,
         request,
@@ -150,6 +192,21 @@ fn cases() -> Vec<Case> {
         c("v2 value above 1", infer(&infer_body("[1,784]", "FP32", &format!("[2,{}]", pixels(783, "0")))), 422, Some("within 0–1")),
         c("v2 data shorter than shape", infer(&infer_body("[2,784]", "FP32", &unit)), 422, Some("needs 1568")),
         c("v2 unknown output", infer(&format!("{{\"inputs\":[{{\"name\":\"pixels\",\"shape\":[1,784],\"datatype\":\"FP32\",\"data\":{unit}}}],\"outputs\":[{{\"name\":\"secrets\"}}]}}")), 422, Some("unknown output")),
+        c("binary: header length past the body", binary(v2, Some("99999"), None, &ok_framed), 400, Some("Inference-Header-Content-Length is 99999")),
+        c("binary: header length not a number", binary(v2, Some("12x"), None, &ok_framed), 400, Some("must be a byte count")),
+        c("binary: header length cuts the JSON", binary(v2, Some(&cut_len), None, &ok_framed), 400, Some("malformed JSON")),
+        c("binary: binary_data_size past the body", binary(v2, Some(&lying_len), None, &lying), 400, Some("binary_data_size is 5000")),
+        c("binary: binary_data_size not the shape's", binary(v2, Some(&short_len), None, &short), 400, Some("3132 bytes")),
+        c("binary: negative binary_data_size", binary(v2, Some(&negative_len), None, &negative), 400, Some("must be a byte count")),
+        c("binary: bytes left over", binary(v2, Some(&extra_len), None, &extra_framed), 400, Some("8 bytes of binary data are left over")),
+        c("binary: NaN pixel", binary(v2, Some(&nan_len), None, &nan_framed), 422, Some("data[0] is NaN")),
+        c("binary: octet-stream without the header", binary(v2, None, Some("application/octet-stream"), &ok_framed), 400, Some("needs the Inference-Header-Content-Length")),
+        c("binary: raw request of the wrong size", binary(v2, Some("0"), None, &image[..1000]), 400, Some("1000 bytes")),
+        c("binary: body over the limit", five_mb, 413, Some("larger than the limit")),
+        c("v2: text/plain body", binary(v2, None, Some("text/plain"), unit.as_bytes()), 415, Some("octet-stream")),
+        c("v2: classification 11", infer(&format!("{{\"inputs\":[{{\"name\":\"pixels\",\"shape\":[1,784],\"datatype\":\"FP32\",\"data\":{unit}}}],\"outputs\":[{{\"name\":\"logits\",\"parameters\":{{\"classification\":11}}}}]}}")), 422, Some("within 1–10")),
+        c("v2: id not a string", infer(&format!("{{\"id\":5,\"inputs\":[{{\"name\":\"pixels\",\"shape\":[1,784],\"datatype\":\"FP32\",\"data\":{unit}}}]}}")), 422, Some("must be a string")),
+        c("v2: unknown version", binary("/v2/models/fmnist-cnn/versions/9/infer", Some(&ok_len), None, &ok_framed), 404, Some("unknown version '9'")),
         c("header flood (300 headers)", header_flood.into_bytes(), 431, None),
         c("garbage request line", b"GARBAGE\r\n\r\n".to_vec(), 400, None),
         c("non-numeric Content-Length", b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n".to_vec(), 400, None),

@@ -473,7 +473,9 @@ fn metrics_request_ids_and_openapi() {
     let mut documented = Vec::new();
     for (path, ops) in paths {
         for method in ops.as_object().unwrap().keys() {
-            let concrete = path.replace("{name}", "fmnist-cnn").replace("{version}", "1");
+            let concrete = path
+                .replace("{name}", "fmnist-cnn")
+                .replace("{version}", "1");
             let r = raw(
                 &s.addr,
                 &request(
@@ -499,7 +501,10 @@ fn metrics_request_ids_and_openapi() {
             "{method} {path} undocumented"
         );
     }
-    assert_eq!(documented.len(), fmnist::server::http::openapi::ROUTES.len());
+    assert_eq!(
+        documented.len(),
+        fmnist::server::http::openapi::ROUTES.len()
+    );
 }
 
 #[test]

@@ -16,7 +16,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("unknown model '{0}'")]
     UnknownModel(String),
-    #[error("unknown version '{version}' of model '{model}'; this server serves version '{served}'")]
+    #[error(
+        "unknown version '{version}' of model '{model}'; this server serves version '{served}'"
+    )]
     UnknownVersion {
         model: String,
         version: String,
@@ -47,7 +49,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) | ApiError::UnknownModel(_) | ApiError::UnknownVersion { .. } => {
                 StatusCode::NOT_FOUND
-            },
+            }
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -97,7 +99,7 @@ impl ApiError {
             ApiError::Unauthorized => Code::Unauthenticated,
             ApiError::NotFound(_) | ApiError::UnknownModel(_) | ApiError::UnknownVersion { .. } => {
                 Code::NotFound
-            },
+            }
             ApiError::MethodNotAllowed { .. } => Code::Unimplemented,
             ApiError::PayloadTooLarge { .. }
             | ApiError::QueueFull { .. }
@@ -133,10 +135,18 @@ mod tests {
         let cases = [
             (ApiError::BadJson("x".into()), 400, Code::InvalidArgument),
             (ApiError::BadRequest("x".into()), 400, Code::InvalidArgument),
-            (ApiError::Unprocessable("x".into()), 422, Code::InvalidArgument),
+            (
+                ApiError::Unprocessable("x".into()),
+                422,
+                Code::InvalidArgument,
+            ),
             (ApiError::Unauthorized, 401, Code::Unauthenticated),
             (ApiError::UnknownModel("m".into()), 404, Code::NotFound),
-            (ApiError::PayloadTooLarge { limit: 1 }, 413, Code::ResourceExhausted),
+            (
+                ApiError::PayloadTooLarge { limit: 1 },
+                413,
+                Code::ResourceExhausted,
+            ),
             (
                 ApiError::QueueFull {
                     retry_after_secs: 1,

@@ -272,7 +272,10 @@ mod tests {
     #[test]
     fn shapes_and_types_are_checked() {
         assert_eq!(check_input("inputs[0]", "FP32", &[3, 784], 8).unwrap(), 3);
-        assert_eq!(check_input("inputs[0]", "FP32", &[2, 1, 28, 28], 8).unwrap(), 2);
+        assert_eq!(
+            check_input("inputs[0]", "FP32", &[2, 1, 28, 28], 8).unwrap(),
+            2
+        );
         for (dt, shape, needle) in [
             ("INT8", vec![1, 784], "FP32"),
             ("FP32", vec![-1, 784], "non-negative"),
@@ -321,13 +324,11 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!((out[0].name, out[1].name), ("logits", "probabilities"));
         assert!(out.iter().all(|t| t.binary && t.shape == [2, 10]));
-        req.outputs = vec![RequestedOutput::new(
-            OutputName::Logits,
-            Some(2),
-            Some(false),
-            "outputs[0]",
-        )
-        .unwrap()];
+        req.outputs =
+            vec![
+                RequestedOutput::new(OutputName::Logits, Some(2), Some(false), "outputs[0]")
+                    .unwrap(),
+            ];
         let out = outputs(&req, &logits);
         assert_eq!(out[0].shape, [2, 2]);
         assert!(!out[0].binary);

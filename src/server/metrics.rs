@@ -187,7 +187,12 @@ mod tests {
         m.request(Protocol::Http, "/predict", 200, 0.002);
         m.request(Protocol::Http, "/predict", 200, 0.02);
         m.request(Protocol::Http, "/predict", 401, 0.001);
-        m.request(Protocol::Grpc, "/inference.GRPCInferenceService/ModelInfer", 0, 0.001);
+        m.request(
+            Protocol::Grpc,
+            "/inference.GRPCInferenceService/ModelInfer",
+            0,
+            0.001,
+        );
         m.batch(3, 0.001);
         let text = m.render();
         assert!(text.contains(

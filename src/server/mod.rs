@@ -34,7 +34,11 @@ use tokio::net::TcpListener;
 
 /// The Open Inference Protocol extensions both front ends implement (`GET /v2`, gRPC
 /// ServerMetadata).
-pub const EXTENSIONS: [&str; 3] = ["binary_tensor_data", "classification", "model_configuration"];
+pub const EXTENSIONS: [&str; 3] = [
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+];
 
 /// What the protocol front ends say about the served model (metadata and configuration).
 #[derive(Debug, Clone)]
@@ -207,7 +211,7 @@ async fn serve_connection<IO>(
             let _ = watcher.watch(conn).await;
         }
         Protocol::Grpc => {
-            let svc = hyper_util::service::TowerToHyperService::new(grpc::service(state, peer));
+            let svc = grpc::connection_service(state, peer);
             let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 // Streams (calls) at once on one connection; the batcher's queue bounds the

@@ -35,6 +35,8 @@ pub fn fixture() -> (Vec<Vec<u8>>, Vec<u8>) {
 pub struct Server {
     child: Child,
     pub addr: String,
+    /// The gRPC listener's address, when started with `--grpc-listen`.
+    pub grpc_addr: Option<String>,
     pub base: String,
     stderr: Arc<Mutex<String>>,
 }
@@ -81,8 +83,14 @@ impl Server {
         });
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let grpc_addr = Arc::new(Mutex::new(None));
+        let grpc_seen = Arc::clone(&grpc_addr);
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // The gRPC line comes first, so it is read before the HTTP one.
+                if let Some(a) = line.strip_prefix("fmnist-serve grpc listening on ") {
+                    *grpc_seen.lock().unwrap() = Some(a.to_string());
+                }
                 let addr = line
                     .strip_prefix("fmnist-serve listening on http://")
                     .or_else(|| line.strip_prefix("fmnist-serve listening on https://"));
@@ -98,10 +106,12 @@ impl Server {
                 panic!("server did not start; stderr:\n{}", stderr.lock().unwrap());
             }
         };
+        let grpc_addr = grpc_addr.lock().unwrap().clone();
         let server = Server {
             child,
             base: format!("http://{addr}"),
             addr,
+            grpc_addr,
             stderr,
         };
         // The address reaches stdout and stderr through separate pipes and reader threads; wait
@@ -138,12 +148,17 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits for the exit status (at most `limit`).
-    pub fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+    pub fn terminate(self, limit: Duration) -> std::process::ExitStatus {
         let ok = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(ok.success());
+        self.wait_exit(limit)
+    }
+
+    /// Waits for the process to exit (at most `limit`) and returns its status.
+    pub fn wait_exit(mut self, limit: Duration) -> std::process::ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -171,6 +186,8 @@ pub struct Raw {
     pub status: u16,
     pub head: String,
     pub body: String,
+    /// The body as sent (binary responses).
+    pub bytes: Vec<u8>,
 }
 
 impl Raw {
@@ -226,6 +243,11 @@ pub fn raw_on(mut s: TcpStream, request: &[u8]) -> Raw {
 }
 
 pub fn parse_response(bytes: &[u8]) -> Raw {
+    let split = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(bytes.len(), |i| i + 4);
+    let body_bytes = bytes[split..].to_vec();
     let text = String::from_utf8_lossy(bytes).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
@@ -237,7 +259,67 @@ pub fn parse_response(bytes: &[u8]) -> Raw {
         status,
         head: head.to_string(),
         body: body.to_string(),
+        bytes: body_bytes,
     }
+}
+
+/// A request with any headers and a byte body (the binary tensor extension).
+pub fn request_bytes(method: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut r = r.into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// A binary-extension infer body: the JSON header, then `binary`; returns the body and the
+/// header's length.
+pub fn binary_body(head: &serde_json::Value, binary: &[u8]) -> (Vec<u8>, usize) {
+    let mut body = head.to_string().into_bytes();
+    let n = body.len();
+    body.extend_from_slice(binary);
+    (body, n)
+}
+
+/// POSTs a binary-extension body to the v2 infer route with the test credentials.
+pub fn post_binary(addr: &str, path: &str, body: &[u8], header_len: Option<usize>) -> Raw {
+    let mut headers = vec![("Authorization", basic(USER, PASSWORD))];
+    if let Some(n) = header_len {
+        headers.push(("Inference-Header-Content-Length", n.to_string()));
+    }
+    raw(addr, &request_bytes("POST", path, &headers, body))
+}
+
+/// Little-endian FP32 bytes.
+pub fn le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A binary response's outputs: the JSON header, and each output's bytes by name.
+pub fn split_binary(r: &Raw) -> (serde_json::Value, Vec<(String, Vec<u8>)>) {
+    let n: usize = r
+        .header("inference-header-content-length")
+        .expect("a binary response")
+        .parse()
+        .unwrap();
+    let head: serde_json::Value = serde_json::from_slice(&r.bytes[..n]).unwrap();
+    let mut at = n;
+    let mut parts = Vec::new();
+    for o in head["outputs"].as_array().unwrap() {
+        if let Some(size) = o["parameters"]["binary_data_size"].as_u64() {
+            let size = size as usize;
+            parts.push((
+                o["name"].as_str().unwrap().to_string(),
+                r.bytes[at..at + size].to_vec(),
+            ));
+            at += size;
+        }
+    }
+    assert_eq!(at, r.bytes.len(), "bytes left over in the response");
+    (head, parts)
 }
 
 pub fn basic(user: &str, password: &str) -> String {

@@ -45,7 +45,72 @@ pub fn service(state: Arc<AppState>, peer: SocketAddr) -> GrpcInferenceServiceSe
     GrpcInferenceServiceServer::new(Service { state, peer }).max_decoding_message_size(limit)
 }
 
-const PREFIX: &str = "/inference.GRPCInferenceService/";
+const INFER: &str = METHODS[5];
+
+/// A ModelInfer call announced to the batcher when its headers arrive (see
+/// [`super::batcher::Arriving`]), handed to the handler through the request's extensions:
+/// tonic decodes the message before the handler runs, and a batcher that only learnt of the
+/// call then would run the batch already waiting without it.
+#[derive(Clone)]
+struct Announced(Arc<std::sync::Mutex<Option<super::batcher::Arriving>>>);
+
+/// The connection's hyper service: the tonic service, with ModelInfer calls announced to the
+/// batcher as soon as their headers are read, as the HTTP side does before reading a body.
+pub fn connection_service(
+    state: Arc<AppState>,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<tonic::body::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Future<
+        Output = Result<hyper::Response<tonic::body::Body>, std::convert::Infallible>,
+    > + Send,
+> + Clone {
+    use tonic::codegen::Service as _;
+    let svc = service(Arc::clone(&state), peer);
+    hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        if req.uri().path() == INFER {
+            if let Ok(a) = state.batcher.arriving() {
+                req.extensions_mut()
+                    .insert(Announced(Arc::new(std::sync::Mutex::new(Some(a)))));
+            }
+        }
+        let mut svc = svc.clone();
+        let state = Arc::clone(&state);
+        async move {
+            let started = Instant::now();
+            let path = req.uri().path().to_string();
+            let mut resp = svc.call(req).await?;
+            // tonic refuses a message over --max-body-bytes itself, with OUT_OF_RANGE; the
+            // error table says RESOURCE_EXHAUSTED with the HTTP side's 413 message. No handler
+            // of ours answers OUT_OF_RANGE, so the status can only be that refusal.
+            if resp.headers().get("grpc-status").map(|v| v.as_bytes()) == Some(b"11") {
+                let e = ApiError::PayloadTooLarge {
+                    limit: state.config.max_body_bytes,
+                };
+                let method = methods_static(&path);
+                state.metrics.request(
+                    Protocol::Grpc,
+                    method,
+                    e.grpc_code() as u16,
+                    started.elapsed().as_secs_f64(),
+                );
+                resp = e.to_grpc().into_http();
+            }
+            Ok(resp)
+        }
+    })
+}
+
+/// The static method path for a request's path (metrics labels), `other` for an unknown one.
+fn methods_static(path: &str) -> &'static str {
+    METHODS
+        .iter()
+        .copied()
+        .find(|m| *m == path)
+        .unwrap_or("other")
+}
 
 impl Service {
     /// Runs one call: auth where the HTTP twin needs it, then `f`; records the metrics and
@@ -247,7 +312,7 @@ impl GrpcInferenceService for Service {
         &self,
         request: Request<pb::ServerLiveRequest>,
     ) -> Result<Response<pb::ServerLiveResponse>, Status> {
-        self.call("/inference.GRPCInferenceService/ServerLive", false, request.metadata(), || async {
+        self.call(METHODS[0], false, request.metadata(), || async {
             Ok(pb::ServerLiveResponse { live: true })
         })
         .await
@@ -257,7 +322,7 @@ impl GrpcInferenceService for Service {
         &self,
         request: Request<pb::ServerReadyRequest>,
     ) -> Result<Response<pb::ServerReadyResponse>, Status> {
-        self.call("/inference.GRPCInferenceService/ServerReady", false, request.metadata(), || async {
+        self.call(METHODS[1], false, request.metadata(), || async {
             Ok(pb::ServerReadyResponse {
                 ready: self.state.is_ready(),
             })
@@ -270,7 +335,7 @@ impl GrpcInferenceService for Service {
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let msg = request.get_ref();
-        self.call("/inference.GRPCInferenceService/ModelReady", false, request.metadata(), || async {
+        self.call(METHODS[2], false, request.metadata(), || async {
             self.state.model.check(&msg.name, Some(&msg.version))?;
             Ok(pb::ModelReadyResponse {
                 ready: self.state.is_ready(),
@@ -283,7 +348,7 @@ impl GrpcInferenceService for Service {
         &self,
         request: Request<pb::ServerMetadataRequest>,
     ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
-        self.call("/inference.GRPCInferenceService/ServerMetadata", false, request.metadata(), || async {
+        self.call(METHODS[3], false, request.metadata(), || async {
             Ok(pb::ServerMetadataResponse {
                 name: "fmnist".into(),
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -298,7 +363,7 @@ impl GrpcInferenceService for Service {
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let msg = request.get_ref();
-        self.call("/inference.GRPCInferenceService/ModelMetadata", true, request.metadata(), || async {
+        self.call(METHODS[4], true, request.metadata(), || async {
             self.state.model.check(&msg.name, Some(&msg.version))?;
             Ok(model_metadata(&self.state.model))
         })
@@ -310,7 +375,7 @@ impl GrpcInferenceService for Service {
         request: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let msg = request.get_ref();
-        self.call("/inference.GRPCInferenceService/ModelConfig", true, request.metadata(), || async {
+        self.call(METHODS[6], true, request.metadata(), || async {
             self.state.model.check(&msg.name, Some(&msg.version))?;
             Ok(pb::ModelConfigResponse {
                 config: Some(model_config(&self.state.model)),
@@ -323,11 +388,19 @@ impl GrpcInferenceService for Service {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let (metadata, _, msg) = request.into_parts();
-        self.call("/inference.GRPCInferenceService/ModelInfer", true, &metadata, || async move {
+        let (metadata, extensions, msg) = request.into_parts();
+        let announced = extensions
+            .get::<Announced>()
+            .and_then(|a| a.0.lock().ok()?.take());
+        self.call(INFER, true, &metadata, || async move {
             let state = &self.state;
-            state.model.check(&msg.model_name, Some(&msg.model_version))?;
-            let arriving = state.batcher.arriving()?;
+            state
+                .model
+                .check(&msg.model_name, Some(&msg.model_version))?;
+            let arriving = match announced {
+                Some(a) => a,
+                None => state.batcher.arriving()?,
+            };
             let mut req = decode_infer(msg, state.config.max_images)?;
             let pixels = std::mem::take(&mut req.pixels);
             let logits = state.batcher.infer(arriving, pixels, req.n).await?;
@@ -338,27 +411,25 @@ impl GrpcInferenceService for Service {
     }
 }
 
-/// The gRPC method paths, for the OpenAPI description and tests.
-pub fn methods() -> Vec<String> {
-    [
-        "ServerLive",
-        "ServerReady",
-        "ModelReady",
-        "ServerMetadata",
-        "ModelMetadata",
-        "ModelInfer",
-        "ModelConfig",
-    ]
-    .iter()
-    .map(|m| format!("{PREFIX}{m}"))
-    .collect()
-}
+/// The gRPC methods served, by path.
+pub const METHODS: [&str; 7] = [
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+    "/inference.GRPCInferenceService/ServerMetadata",
+    "/inference.GRPCInferenceService/ModelMetadata",
+    "/inference.GRPCInferenceService/ModelInfer",
+    "/inference.GRPCInferenceService/ModelConfig",
+];
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn input(shape: Vec<i64>, contents: Option<Vec<f32>>) -> pb::model_infer_request::InferInputTensor {
+    fn input(
+        shape: Vec<i64>,
+        contents: Option<Vec<f32>>,
+    ) -> pb::model_infer_request::InferInputTensor {
         pb::model_infer_request::InferInputTensor {
             name: "input".into(),
             datatype: "FP32".into(),
@@ -436,22 +507,24 @@ mod tests {
         m.raw_input_contents[0][0..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
         cases.push(("infinite pixel", m, "data[0]"));
         let mut m = base();
-        m.outputs.push(pb::model_infer_request::InferRequestedOutputTensor {
-            name: "secrets".into(),
-            parameters: Default::default(),
-        });
+        m.outputs
+            .push(pb::model_infer_request::InferRequestedOutputTensor {
+                name: "secrets".into(),
+                parameters: Default::default(),
+            });
         cases.push(("unknown output", m, "unknown output"));
         let mut m = base();
-        m.outputs.push(pb::model_infer_request::InferRequestedOutputTensor {
-            name: "logits".into(),
-            parameters: [(
-                "classification".to_string(),
-                pb::InferParameter {
-                    parameter_choice: Some(ParameterChoice::StringParam("3".into())),
-                },
-            )]
-            .into(),
-        });
+        m.outputs
+            .push(pb::model_infer_request::InferRequestedOutputTensor {
+                name: "logits".into(),
+                parameters: [(
+                    "classification".to_string(),
+                    pb::InferParameter {
+                        parameter_choice: Some(ParameterChoice::StringParam("3".into())),
+                    },
+                )]
+                .into(),
+            });
         cases.push(("classification as a string", m, "must be an integer"));
         for (what, msg, needle) in cases {
             let e = decode_infer(msg, 8).unwrap_err();

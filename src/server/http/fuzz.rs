@@ -4,8 +4,8 @@
 
 use super::predict::{fast_single_image, parse_json, parse_predict};
 use super::v2::{decode, parse_infer};
-use crate::server::error::ApiError;
 use crate::preprocess::{batch_from_unit, resize_bilinear, InputLayout};
+use crate::server::error::ApiError;
 use candle_core::Device;
 use proptest::prelude::*;
 

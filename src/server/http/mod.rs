@@ -2,12 +2,12 @@
 //! the translation of every outcome into a response. `/predict` is fmnist's own contract;
 //! `/v2` is the Open Inference Protocol's REST form (JSON and binary tensors).
 
+#[cfg(test)]
+mod fuzz;
 pub mod json;
 pub mod openapi;
 pub mod predict;
 pub mod v2;
-#[cfg(test)]
-mod fuzz;
 
 use super::error::ApiError;
 use super::infer;
@@ -191,7 +191,9 @@ pub async fn handle(
     }
     let status = resp.status().as_u16();
     let seconds = started.elapsed().as_secs_f64();
-    state.metrics.request(Protocol::Http, label, status, seconds);
+    state
+        .metrics
+        .request(Protocol::Http, label, status, seconds);
     // The path is logged, never headers: Authorization must not reach the logs.
     tracing::info!(request_id = %id, %peer, %method, route = label, status, ms = seconds * 1e3, "request");
     Ok(resp)
@@ -222,18 +224,9 @@ async fn dispatch(
         state.authenticate(peer.ip(), header).await?;
     }
     let known = |m: &ModelPath| state.model.check(&m.name, m.version.as_deref());
-    // Readiness is told by the status code (tritonclient reads only that), with the body.
-    let readiness = |body: Value| {
-        let status = if state.is_ready() {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        Ok(json_response(status, &body))
-    };
     match route {
         Route::Live => Ok(json_response(StatusCode::OK, &json!({ "live": true }))),
-        Route::Ready => readiness(json!({ "ready": state.is_ready() })),
+        Route::Ready => Ok(readiness(state.is_ready(), None)),
         Route::Server => Ok(json_response(StatusCode::OK, &v2::server_metadata())),
         Route::Model(m) => {
             known(&m)?;
@@ -244,7 +237,7 @@ async fn dispatch(
         }
         Route::ModelReady(m) => {
             known(&m)?;
-            readiness(json!({ "name": m.name, "ready": state.is_ready() }))
+            Ok(readiness(state.is_ready(), Some(&m.name)))
         }
         Route::Config(m) => {
             known(&m)?;
@@ -271,10 +264,9 @@ async fn dispatch(
                     n: 1,
                     single: true,
                 },
-                None => predict::parse_predict(
-                    &predict::parse_json(&body)?,
-                    state.config.max_images,
-                )?,
+                None => {
+                    predict::parse_predict(&predict::parse_json(&body)?, state.config.max_images)?
+                }
             };
             let logits = state
                 .batcher
@@ -332,6 +324,22 @@ async fn dispatch(
     }
 }
 
+/// A readiness answer (server, or the model `name`): told by the status code, 200 or 503,
+/// since tritonclient's is_server_ready / is_model_ready read only that; the JSON body says
+/// the same.
+fn readiness(ready: bool, name: Option<&str>) -> Response<Full<Bytes>> {
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = match name {
+        None => json!({ "ready": ready }),
+        Some(n) => json!({ "name": n, "ready": ready }),
+    };
+    json_response(status, &body)
+}
+
 /// The media type of a request, lower-cased without parameters.
 fn media_type(req: &Request<Incoming>) -> Option<String> {
     req.headers().get(CONTENT_TYPE).map(|v| {
@@ -361,10 +369,19 @@ enum BodyKind {
 /// Checks the content type, refuses bodies over `limit` before reading them when the size is
 /// announced, and stops reading at `limit` when it is not (chunked bodies). The limit covers
 /// the whole body, binary sections included.
-async fn read_body(req: Request<Incoming>, limit: usize, kind: BodyKind) -> Result<Bytes, ApiError> {
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    kind: BodyKind,
+) -> Result<Bytes, ApiError> {
     let mime = media_type(&req);
     let ok = match mime.as_deref() {
-        Some(m) if m == "application/json" || (m.starts_with("application/") && m.ends_with("+json")) => true,
+        Some(m)
+            if m == "application/json"
+                || (m.starts_with("application/") && m.ends_with("+json")) =>
+        {
+            true
+        }
         Some("application/octet-stream") => kind == BodyKind::Infer,
         None => kind == BodyKind::Infer,
         Some(_) => false,
@@ -373,7 +390,12 @@ async fn read_body(req: Request<Incoming>, limit: usize, kind: BodyKind) -> Resu
         let got = req
             .headers()
             .get(CONTENT_TYPE)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).chars().take(100).collect())
+            .map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .chars()
+                    .take(100)
+                    .collect()
+            })
             .unwrap_or_else(|| "no Content-Type".into());
         return Err(ApiError::UnsupportedMediaType {
             expected: match kind {
@@ -412,6 +434,31 @@ mod tests {
             assert_eq!(route.method().as_str(), *method, "{path}");
             assert_eq!(route.label(), *template);
         }
+    }
+
+    #[test]
+    fn not_ready_is_503_with_the_body() {
+        use http_body_util::BodyExt;
+        for (ready, name, status, body) in [
+            (true, None, 200, r#"{"ready":true}"#),
+            (false, None, 503, r#"{"ready":false}"#),
+            (false, Some("m"), 503, r#"{"name":"m","ready":false}"#),
+            (true, Some("m"), 200, r#"{"name":"m","ready":true}"#),
+        ] {
+            let r = readiness(ready, name);
+            assert_eq!(r.status().as_u16(), status);
+            let bytes = block_on(r.into_body().collect()).to_bytes();
+            assert_eq!(std::str::from_utf8(&bytes).unwrap(), body);
+        }
+    }
+
+    /// `Full` bodies are ready at once; a one-thread runtime drives the future.
+    fn block_on<F: std::future::Future<Output = Result<C, Infallible>>, C>(f: F) -> C {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+            .unwrap()
     }
 
     #[test]

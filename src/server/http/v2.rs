@@ -48,12 +48,7 @@ pub fn decode(
         None => parse_infer(&parse_json(body)?, None, max_images),
         Some(0) => Ok(InferRequest {
             id: None,
-            pixels: pixels_from_le_bytes(
-                "the raw binary request's input",
-                "the body",
-                body,
-                1,
-            )?,
+            pixels: pixels_from_le_bytes("the raw binary request's input", "the body", body, 1)?,
             n: 1,
             outputs: Vec::new(),
             binary_output: true,
@@ -144,11 +139,7 @@ pub fn parse_infer(
     };
     let datatype = input.get("datatype").and_then(Json::as_str).unwrap_or("");
     let shape: Vec<i64> = match input.get("shape") {
-        Some(Json::Nums(dims))
-            if dims
-                .iter()
-                .all(|&d| d.fract() == 0.0 && d.abs() < 1e12) =>
-        {
+        Some(Json::Nums(dims)) if dims.iter().all(|&d| d.fract() == 0.0 && d.abs() < 1e12) => {
             dims.iter().map(|&d| d as i64).collect()
         }
         _ => {
@@ -287,7 +278,8 @@ pub fn encode(model: &ModelInfo, id: Option<&str>, tensors: &[OutputTensor]) -> 
             o
         })
         .collect();
-    let mut head = json!({ "model_name": model.name, "model_version": model.version, "outputs": outputs });
+    let mut head =
+        json!({ "model_name": model.name, "model_version": model.version, "outputs": outputs });
     if let Some(id) = id {
         head["id"] = json!(id);
     }
@@ -409,16 +401,31 @@ mod tests {
             },
             {
                 let (b, n) = framed(&binary_head(json!([1, 784]), 3000), &one);
-                ("size not the shape's", b, Some(n), "binary_data_size is 3000 bytes")
+                (
+                    "size not the shape's",
+                    b,
+                    Some(n),
+                    "binary_data_size is 3000 bytes",
+                )
             },
             {
                 let (b, n) = framed(&binary_head(json!([1, 784]), 3136), &le(&img[..800]));
-                ("bytes left over", b, Some(n), "64 bytes of binary data are left over")
+                (
+                    "bytes left over",
+                    b,
+                    Some(n),
+                    "64 bytes of binary data are left over",
+                )
             },
             {
                 let (b, _) = framed(&binary_head(json!([1, 784]), 3136), &one);
                 let len = b.len();
-                ("header past the body", b, Some(len + 1), "Inference-Header-Content-Length")
+                (
+                    "header past the body",
+                    b,
+                    Some(len + 1),
+                    "Inference-Header-Content-Length",
+                )
             },
             {
                 let (b, n) = framed(&binary_head(json!([1, 784]), 3136), &one);
@@ -442,9 +449,19 @@ mod tests {
             },
             {
                 let b = binary_head(json!([1, 784]), 3136).to_string().into_bytes();
-                ("size without a binary section", b, None, "no binary section")
+                (
+                    "size without a binary section",
+                    b,
+                    None,
+                    "no binary section",
+                )
             },
-            ("raw request of the wrong size", one[..3000].to_vec(), Some(0), "3000 bytes"),
+            (
+                "raw request of the wrong size",
+                one[..3000].to_vec(),
+                Some(0),
+                "3000 bytes",
+            ),
         ];
         for (what, body, header, needle) in cases {
             let e = decode(&body, header, 8).unwrap_err();
