@@ -239,12 +239,13 @@ image: deps
 
 image-run: image
 	@echo "fmnist-serve (container): development credentials admin / password123; do not use them in production"
-	$(CONTAINER) run --rm $(CONTAINER_RUN_FLAGS) -p 8080:8080 -e FMNIST_BASIC_AUTH=admin:password123 $(IMAGE)
+	$(CONTAINER) run --rm $(CONTAINER_RUN_FLAGS) -p 8080:8080 -p 8081:8081 -e FMNIST_BASIC_AUTH=admin:password123 $(IMAGE)
 
 IMAGE_TEST_ADDR ?= 127.0.0.1:18082
-image-test: image
+IMAGE_TEST_GRPC_ADDR ?= 127.0.0.1:18085
+image-test: image build
 	@CONTAINER="$(CONTAINER)" CONTAINER_RUN_FLAGS="$(CONTAINER_RUN_FLAGS)" \
-	  bash scripts/image_test.sh $(IMAGE) $(IMAGE_TEST_ADDR)
+	  bash scripts/image_test.sh $(IMAGE) $(IMAGE_TEST_ADDR) $(IMAGE_TEST_GRPC_ADDR) $(RELEASE)/fmnist-load
 
 # Schema validation of the manifests (kubernetes-validate from PyPI bundles the schemas:
 # no cluster and no network needed once installed).

@@ -3,12 +3,13 @@
 #   the image is FROM scratch and at most 30 MB; it runs as a non-root user; it starts with a
 #   mounted credentials file (nothing baked in) and becomes ready; its no-shell HEALTHCHECK
 #   passes; an authenticated prediction is right and an unauthenticated one gets 401; the
-#   Postman collection passes against it (newman); SIGTERM stops it cleanly with exit 0.
-# usage: image_test.sh IMAGE ADDR
+#   Postman collection passes against it (newman); its gRPC listener answers ModelInfer
+#   (fmnist-load, all three encodings, 0 errors); SIGTERM stops it cleanly with exit 0.
+# usage: image_test.sh IMAGE ADDR GRPC_ADDR LOAD_BINARY
 # Environment: CONTAINER (default podman) is the engine command with any global flags;
 # CONTAINER_RUN_FLAGS are extra `run` flags (CI: rlimits and host networking, see .ci/run).
 set -euo pipefail
-image=$1 addr=$2
+image=$1 addr=$2 grpc_addr=$3 load=$4
 engine=${CONTAINER:-podman}
 run_flags=${CONTAINER_RUN_FLAGS:-}
 name=fmnist-image-test-$$
@@ -33,7 +34,7 @@ chmod 0400 "$dir/credentials"
 
 # shellcheck disable=SC2086
 $engine run -d --name "$name" $run_flags \
-  -e FMNIST_LISTEN="$addr" -e FMNIST_CREDENTIALS_FILE=/run/fmnist/credentials \
+  -e FMNIST_LISTEN="$addr" -e FMNIST_GRPC_LISTEN="$grpc_addr" -e FMNIST_CREDENTIALS_FILE=/run/fmnist/credentials \
   -v "$dir/credentials:/run/fmnist/credentials:ro" "$image" >/dev/null
 ready=
 for _ in $(seq 1 100); do
@@ -58,6 +59,10 @@ code=$(curl -s -o "$dir/no.json" -w '%{http_code}' -H 'Content-Type: application
 echo "unauthenticated POST /predict: 401"
 
 NEWMAN_JUNIT=target/newman-image-junit.xml bash "$(dirname "$0")/postman.sh" --url "http://$addr" tester "$pass"
+
+FMNIST_LOAD_PASSWORD=$pass timeout 30 "$load" --http "$addr" --grpc "$grpc_addr" --user tester \
+  --concurrency 4 --seconds 1 --warmup-secs 0 || fail "v2 JSON / binary / gRPC load against the image failed"
+echo "v2 JSON, binary and gRPC (fmnist-load): 0 errors"
 
 $engine kill --signal TERM "$name" >/dev/null
 status=$(timeout 60 $engine wait "$name") || fail "did not stop within 60 s of SIGTERM"
