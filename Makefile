@@ -200,10 +200,11 @@ bench-kernels: build $(VENV)/.ok
 BENCH_ADDR ?= 127.0.0.1:18080
 BENCH_GRPC_ADDR ?= 127.0.0.1:18079
 BENCH_SECONDS ?= 10
+BENCH_ROUNDS ?= 5
 bench-serve: build
 	$(call need_pkg,wrk,command -v wrk)
 	@bash scripts/bench_serve.sh $(RELEASE)/fmnist-serve $(MODEL) $(BENCH_ADDR) $(BENCH_GRPC_ADDR) \
-	  $(RELEASE)/fmnist-load $(BENCH_SECONDS)
+	  $(RELEASE)/fmnist-load $(BENCH_SECONDS) $(BENCH_ROUNDS)
 
 # Uses $(VGG16_WEIGHTS) when present, else formula weights of the same shapes (speed does
 # not depend on the values).

@@ -2,11 +2,13 @@
 # Load test: starts fmnist-serve (HTTP and gRPC), warms up, then drives single-image requests
 # with Basic auth over keep-alive connections at 32 connections and at 1: POST /predict with
 # wrk, then the Open Inference Protocol's three encodings (JSON, binary, gRPC) with
-# fmnist-load, one client for all three. Beside each fmnist-load row: the server's own CPU time
-# per request (from /proc), which the client's share of the machine does not move.
-# usage: bench_serve.sh SERVE_BINARY MODEL ADDR GRPC_ADDR LOAD_BINARY [SECONDS]
+# fmnist-load, one client for all three, in rounds that alternate the encodings (this VM's
+# speed drifts over minutes). Beside each fmnist-load row: the server's own CPU time per
+# request (from /proc), which the client's share of the machine does not move.
+# usage: bench_serve.sh SERVE_BINARY MODEL ADDR GRPC_ADDR LOAD_BINARY [SECONDS] [ROUNDS]
 set -euo pipefail
-bin=$1 model=$2 addr=$3 grpc_addr=$4 load=$5 secs=${6:-10}
+bin=$1 model=$2 addr=$3 grpc_addr=$4 load=$5 secs=${6:-10} rounds=${7:-5}
+round_secs=$(awk -v s="$secs" -v r="$rounds" 'BEGIN {printf "%.1f", s / r}')
 source "$(dirname "$0")/server.sh"
 dir=$(mktemp -d)
 trap 'stop_server; rm -rf "$dir"' EXIT
@@ -45,22 +47,9 @@ summary "1 connection" "$dir/c1"
 echo "memory idle:       $rss_idle"
 echo "memory after load: $(rss)"
 
-# Server CPU seconds (user + system) so far.
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.4f", ($14 + $15) / hz}' "/proc/$server_pid/stat"; }
 echo
 echo "== POST /v2/models/NAME/infer and gRPC ModelInfer, single image (fmnist-load; output: logits)"
-printf "%-8s %5s %10s %9s %9s %7s %14s\n" encoding conns "req/s" "p50 ms" "p99 ms" errors "server us/req"
-name=$(basename "$model" .onnx)
-for enc in json binary grpc; do
-  for conns in 32 1; do
-    FMNIST_LOAD_PASSWORD=$server_pass "$load" --http "$addr" --grpc "$grpc_addr" --model "$name" --user bench \
-      --encoding "$enc" --concurrency "$conns" --seconds 1 --warmup-secs 0 >/dev/null
-    before=$(cpu)
-    line=$(FMNIST_LOAD_PASSWORD=$server_pass "$load" --http "$addr" --grpc "$grpc_addr" --model "$name" \
-      --user bench --encoding "$enc" --concurrency "$conns" --seconds "$secs" --warmup-secs 0 | sed -n 2p)
-    after=$(cpu)
-    rps=$(awk '{print $3}' <<<"$line")
-    per=$(awk -v a="$after" -v b="$before" -v r="$rps" -v s="$secs" 'BEGIN {printf "%.0f", (a - b) * 1e6 / (r * s)}')
-    printf "%s %14s\n" "$line" "$per"
-  done
-done
+echo "   $rounds rounds alternating the encodings, ${round_secs} s each; server us/req: its CPU time per request"
+FMNIST_LOAD_PASSWORD=$server_pass "$load" --http "$addr" --grpc "$grpc_addr" --model "$(basename "$model" .onnx)" \
+  --user bench --concurrency 32,1 --rounds "$rounds" --seconds "$round_secs" --warmup-secs 0.5 \
+  --server-pid "$server_pid"

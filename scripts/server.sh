@@ -11,8 +11,10 @@ server_pass=""
 start_server() {
   local bin=$1 model=$2 addr=$3 user=$4 dir=$5
   server_pass="run-$RANDOM-$RANDOM-$RANDOM"
+  # No lame-duck delay for these short-lived servers (FMNIST_DRAIN_DELAY_SECS overrides).
   # shellcheck disable=SC2086 # SERVER_ARGS is a list of flags
-  FMNIST_BASIC_AUTH="$user:$server_pass" FMNIST_LOG=warn "$bin" --model "$model" --listen "$addr" \
+  FMNIST_DRAIN_DELAY_SECS=${FMNIST_DRAIN_DELAY_SECS:-0} FMNIST_BASIC_AUTH="$user:$server_pass" FMNIST_LOG=warn \
+    "$bin" --model "$model" --listen "$addr" \
     ${SERVER_ARGS:-} >"$dir/server.out" 2>"$dir/server.err" &
   server_pid=$!
   for _ in $(seq 1 300); do

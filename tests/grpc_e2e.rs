@@ -384,7 +384,9 @@ fn grpc_call_in_flight_at_sigterm_is_answered() {
         "--grpc-listen",
         "127.0.0.1:0",
         "--max-queue-delay-us",
-        "400000",
+        "3000000",
+        "--drain-delay-secs",
+        "0",
         "--max-batch-size",
         "64",
     ]);
@@ -434,5 +436,39 @@ fn grpc_call_in_flight_at_sigterm_is_answered() {
         "the HTTP request in flight was lost"
     );
     let status = s.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+}
+
+/// During the drain a gRPC connection is told to go (GOAWAY: tonic's channel then fails its
+/// next call once and reconnects, as tonic does after any lost connection), yet calls are
+/// still served: on a new connection ServerReady says false and ModelInfer answers; then the
+/// process exits 0.
+#[test]
+fn grpc_is_served_during_the_drain() {
+    let s = Server::start(&["--grpc-listen", "127.0.0.1:0", "--drain-delay-secs", "3"]);
+    let (images, _) = fixture();
+    let values = unit(&images[..1]);
+    let auth = basic(USER, PASSWORD);
+    let rt = runtime();
+    let mut first = rt.block_on(client(&s));
+    rt.block_on(first.model_infer(authed(raw_request(&values), &auth)))
+        .unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(s.wait_for_log("draining", Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_millis(200));
+    rt.block_on(async {
+        let mut c = client(&s).await;
+        let ready = c.server_ready(pb::ServerReadyRequest {}).await.unwrap();
+        assert!(!ready.into_inner().ready);
+        let r = c
+            .model_infer(authed(raw_request(&values), &auth))
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().raw_output_contents[0].len(), 40);
+    });
+    let status = s.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{status:?}");
 }

@@ -509,7 +509,14 @@ fn metrics_request_ids_and_openapi() {
 
 #[test]
 fn sigterm_finishes_in_flight_requests_and_exits_zero() {
-    let s = Server::start(&["--max-queue-delay-us", "300000", "--max-batch-size", "64"]);
+    let s = Server::start(&[
+        "--max-queue-delay-us",
+        "300000",
+        "--max-batch-size",
+        "64",
+        "--drain-delay-secs",
+        "1",
+    ]);
     let (images, _) = fixture();
     let body = json!({ "image": image_json(&images[0]) }).to_string();
     // This request waits ~300 ms in the batcher: SIGTERM arrives while it is in flight.

@@ -3,7 +3,11 @@
 //!
 //! Each worker holds one connection (an HTTP/1.1 keep-alive connection, or one HTTP/2
 //! connection for gRPC) and sends one request at a time, as wrk does; requests cycle over the
-//! fixture images and every answer is checked (status, and the logits' length).
+//! fixture images and every answer is checked (status, and the logits' length). Every body is
+//! encoded once up front (JSON text, the binary extension's framing, the prost-encoded gRPC
+//! message in its length-prefixed frame), and all three go through hyper's client, so the
+//! client does the same small work per request whatever the encoding: on a machine whose
+//! cores it shares with the server, a heavier client would lower the figure it measures.
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -21,8 +25,12 @@ enum Encoding {
     Json,
     /// The same route with the binary tensor data extension (tritonclient's default).
     Binary,
-    /// gRPC ModelInfer with raw_input_contents (tritonclient.grpc's form).
+    /// gRPC ModelInfer with raw_input_contents (tritonclient.grpc's form), one HTTP/2
+    /// connection per worker, as wrk's connections.
     Grpc,
+    /// The same calls, all workers' calls multiplexed on one HTTP/2 connection, as a
+    /// tritonclient.grpc or kserve client's single channel makes them.
+    GrpcMux,
 }
 
 #[derive(Parser)]
@@ -53,7 +61,7 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "json,binary,grpc"
+        default_value = "json,binary,grpc,grpc-mux"
     )]
     encoding: Vec<Encoding>,
     /// Concurrency levels (workers, each with its own connection).
@@ -64,6 +72,14 @@ struct Cli {
     seconds: f64,
     #[arg(long, default_value_t = 2.0)]
     warmup_secs: f64,
+    /// Rounds: each runs every encoding at every concurrency for --seconds, in turn, so that
+    /// the machine's drift falls on all of them alike; the table sums the rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// The server's process id (same machine): adds its CPU time per request (user + system,
+    /// from /proc), which the client's own share of the machine does not move.
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Images to send (Kaggle CSV: label,pixel1..pixel784).
     #[arg(long, default_value = "fixtures/sample.csv")]
     data: PathBuf,
@@ -73,7 +89,9 @@ struct Cli {
 struct Bodies {
     json: Vec<Bytes>,
     binary: Vec<(Bytes, usize)>,
-    grpc: Vec<pb::ModelInferRequest>,
+    /// gRPC request bodies: the ModelInferRequest, prost-encoded once, in its 5-byte
+    /// length-prefixed frame.
+    grpc: Vec<Bytes>,
 }
 
 fn prepare(data: &PathBuf, model: &str) -> Result<Bodies> {
@@ -118,7 +136,7 @@ fn prepare(data: &PathBuf, model: &str) -> Result<Bodies> {
         let header_len = body.len();
         body.extend_from_slice(&raw);
         bodies.binary.push((Bytes::from(body), header_len));
-        bodies.grpc.push(pb::ModelInferRequest {
+        let msg = pb::ModelInferRequest {
             model_name: model.to_string(),
             inputs: vec![pb::model_infer_request::InferInputTensor {
                 name: "input".into(),
@@ -132,37 +150,18 @@ fn prepare(data: &PathBuf, model: &str) -> Result<Bodies> {
             }],
             raw_input_contents: vec![raw],
             ..Default::default()
-        });
+        };
+        let encoded = prost::Message::encode_to_vec(&msg);
+        let mut frame = Vec::with_capacity(5 + encoded.len());
+        frame.push(0); // not compressed
+        frame.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&encoded);
+        bodies.grpc.push(Bytes::from(frame));
     }
     if bodies.json.is_empty() {
         bail!("{} has no images", data.display());
     }
     Ok(bodies)
-}
-
-/// A bare HTTP/2 connection as the tower service tonic's client calls: tonic's own Channel
-/// adds a buffer task and load balancing per call, which doubled the client's CPU per call on
-/// a machine whose cores it shares with the server under test.
-#[derive(Clone)]
-struct H2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
-
-impl tonic::codegen::Service<hyper::Request<tonic::body::Body>> for H2 {
-    type Response = hyper::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: hyper::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.0.send_request(req))
-    }
 }
 
 struct Run {
@@ -172,11 +171,31 @@ struct Run {
 }
 
 /// One worker: its own connection, requests back to back until `until`.
+type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// An HTTP/2 connection to the gRPC listener.
+async fn h2_connect(addr: &str) -> Result<H2Sender> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to gRPC {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .context("HTTP/2 handshake")?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn worker(
     cli: Arc<Cli>,
     bodies: Arc<Bodies>,
     auth: Arc<String>,
     encoding: Encoding,
+    shared: Option<H2Sender>,
     offset: usize,
     measure_from: Instant,
     until: Instant,
@@ -246,42 +265,73 @@ async fn worker(
                 i += 1;
             }
         }
-        Encoding::Grpc => {
-            let stream = tokio::net::TcpStream::connect(&cli.grpc)
-                .await
-                .with_context(|| format!("connecting to gRPC {}", cli.grpc))?;
-            stream.set_nodelay(true)?;
-            let (sender, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                TokioIo::new(stream),
-            )
-            .await
-            .context("HTTP/2 handshake")?;
-            tokio::spawn(conn);
-            let origin: hyper::Uri = format!("http://{}", cli.grpc).parse()?;
-            let mut client =
-                pb::grpc_inference_service_client::GrpcInferenceServiceClient::with_origin(
-                    H2(sender),
-                    origin,
-                );
-            let auth: tonic::metadata::MetadataValue<_> = auth.parse()?;
+        Encoding::Grpc | Encoding::GrpcMux => {
+            let mut sender = match shared {
+                Some(s) => s,
+                None => h2_connect(&cli.grpc).await?,
+            };
+            let uri = format!(
+                "http://{}/inference.GRPCInferenceService/ModelInfer",
+                cli.grpc
+            );
             while Instant::now() < until {
                 let started = Instant::now();
-                let mut req = tonic::Request::new(bodies.grpc[i % bodies.grpc.len()].clone());
-                req.metadata_mut().insert("authorization", auth.clone());
-                let outcome = match client.model_infer(req).await {
-                    Ok(r) if r.get_ref().raw_output_contents.first().map(Vec::len) == Some(40) => {
-                        Ok(())
+                let req = hyper::Request::post(&uri)
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .header("authorization", auth.as_str())
+                    .body(Full::new(bodies.grpc[i % bodies.grpc.len()].clone()))?;
+                let outcome = async {
+                    let resp = sender.send_request(req).await?;
+                    let (head, body) = resp.into_parts();
+                    let collected = body.collect().await?;
+                    // grpc-status is in the trailers, or in the headers of a trailers-only
+                    // (error) response.
+                    let status = collected
+                        .trailers()
+                        .and_then(|t| t.get("grpc-status"))
+                        .or_else(|| head.headers.get("grpc-status"))
+                        .map(|v| v.to_str().unwrap_or("?").to_string());
+                    let message = head
+                        .headers
+                        .get("grpc-message")
+                        .or_else(|| collected.trailers().and_then(|t| t.get("grpc-message")))
+                        .map(|v| v.to_str().unwrap_or("").to_string());
+                    if status.as_deref() != Some("0") {
+                        bail!("gRPC status {status:?}: {}", message.unwrap_or_default());
                     }
-                    Ok(_) => Err(anyhow::anyhow!("no 10 logits in the response")),
-                    Err(s) => Err(anyhow::anyhow!("{:?}: {}", s.code(), s.message())),
-                };
+                    let bytes = collected.to_bytes();
+                    if bytes.len() < 5 {
+                        bail!("no gRPC message in the response");
+                    }
+                    let r: pb::ModelInferResponse = prost::Message::decode(&bytes[5..])?;
+                    if r.raw_output_contents.first().map(Vec::len) != Some(40) {
+                        bail!("no 10 logits in the response");
+                    }
+                    Ok(())
+                }
+                .await;
+                let broken = outcome.is_err() && sender.is_closed();
                 record(started, outcome);
+                if broken {
+                    bail!("the server closed the gRPC connection");
+                }
                 i += 1;
             }
         }
     }
     Ok(run)
+}
+
+/// User + system CPU seconds of a process, from /proc (Linux).
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ, the unit of these fields, is 100 on Linux whatever the kernel timer.
+    Some(ticks / 100.0)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -307,70 +357,130 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let server_cpu = |pid: Option<u32>| pid.and_then(process_cpu_seconds);
     let mut failed = false;
-    println!(
-        "{:<8} {:>5} {:>10} {:>9} {:>9} {:>7}",
-        "encoding", "conns", "req/s", "p50 ms", "p99 ms", "errors"
-    );
-    for &encoding in &cli.encoding {
+    // Results per (concurrency, encoding), summed over the rounds.
+    struct Sum {
+        latencies: Vec<u32>,
+        seconds: f64,
+        errors: u64,
+        first_error: Option<String>,
+        rounds_rps: Vec<f64>,
+        cpu: f64,
+    }
+    let mut sums: Vec<((usize, Encoding), Sum)> = Vec::new();
+    // Rounds alternate the encodings, so the machine's drift over minutes falls on all alike.
+    for _round in 0..cli.rounds.max(1) {
         for &conns in &cli.concurrency {
-            let start = Instant::now();
-            let measure_from = start + Duration::from_secs_f64(cli.warmup_secs);
-            let until = measure_from + Duration::from_secs_f64(cli.seconds);
-            let runs = runtime.block_on(async {
-                let tasks: Vec<_> = (0..conns.max(1))
-                    .map(|w| {
-                        tokio::spawn(worker(
-                            Arc::clone(&cli),
-                            Arc::clone(&bodies),
-                            Arc::clone(&auth),
-                            encoding,
-                            w * 7,
-                            measure_from,
-                            until,
-                        ))
-                    })
-                    .collect();
-                let mut out = Vec::new();
-                for t in tasks {
-                    out.push(t.await.map_err(anyhow::Error::from).and_then(|r| r));
-                }
-                out
-            });
-            let mut latencies = Vec::new();
-            let mut errors = 0u64;
-            let mut first_error = None;
-            for r in runs {
-                match r {
-                    Ok(r) => {
-                        latencies.extend(r.latencies_us);
-                        errors += r.errors;
-                        if first_error.is_none() {
-                            first_error = r.first_error;
+            for &encoding in &cli.encoding {
+                let start = Instant::now();
+                let measure_from = start + Duration::from_secs_f64(cli.warmup_secs);
+                let until = measure_from + Duration::from_secs_f64(cli.seconds);
+                let mut cpu_before = None;
+                let runs = runtime.block_on(async {
+                    let shared = match encoding {
+                        Encoding::GrpcMux => match h2_connect(&cli.grpc).await {
+                            Ok(s) => Some(s),
+                            Err(e) => return vec![Err(e)],
+                        },
+                        _ => None,
+                    };
+                    let tasks: Vec<_> = (0..conns.max(1))
+                        .map(|w| {
+                            tokio::spawn(worker(
+                                Arc::clone(&cli),
+                                Arc::clone(&bodies),
+                                Arc::clone(&auth),
+                                encoding,
+                                shared.clone(),
+                                w * 7,
+                                measure_from,
+                                until,
+                            ))
+                        })
+                        .collect();
+                    tokio::time::sleep_until(measure_from.into()).await;
+                    cpu_before = server_cpu(cli.server_pid);
+                    let mut out = Vec::new();
+                    for t in tasks {
+                        out.push(t.await.map_err(anyhow::Error::from).and_then(|r| r));
+                    }
+                    out
+                });
+                let cpu = match (cpu_before, server_cpu(cli.server_pid)) {
+                    (Some(a), Some(b)) => b - a,
+                    _ => f64::NAN,
+                };
+                let sum = match sums.iter_mut().find(|(k, _)| *k == (conns, encoding)) {
+                    Some((_, s)) => s,
+                    None => {
+                        sums.push((
+                            (conns, encoding),
+                            Sum {
+                                latencies: Vec::new(),
+                                seconds: 0.0,
+                                errors: 0,
+                                first_error: None,
+                                rounds_rps: Vec::new(),
+                                cpu: 0.0,
+                            },
+                        ));
+                        &mut sums.last_mut().unwrap().1
+                    }
+                };
+                let before = sum.latencies.len();
+                for r in runs {
+                    match r {
+                        Ok(r) => {
+                            sum.latencies.extend(r.latencies_us);
+                            sum.errors += r.errors;
+                            if sum.first_error.is_none() {
+                                sum.first_error = r.first_error;
+                            }
+                        }
+                        Err(e) => {
+                            sum.errors += 1;
+                            sum.first_error.get_or_insert_with(|| format!("{e:#}"));
                         }
                     }
-                    Err(e) => {
-                        errors += 1;
-                        first_error.get_or_insert_with(|| format!("{e:#}"));
-                    }
                 }
+                sum.seconds += cli.seconds;
+                sum.cpu += cpu;
+                sum.rounds_rps
+                    .push((sum.latencies.len() - before) as f64 / cli.seconds);
             }
-            latencies.sort_unstable();
-            let rps = latencies.len() as f64 / cli.seconds;
-            println!(
-                "{:<8} {:>5} {:>10.0} {:>9.3} {:>9.3} {:>7}",
-                format!("{encoding:?}").to_lowercase(),
-                conns,
-                rps,
-                percentile(&latencies, 0.5),
-                percentile(&latencies, 0.99),
-                errors
-            );
-            if let Some(e) = first_error {
-                println!("  first error: {e}");
-            }
-            failed |= errors > 0 || latencies.is_empty();
         }
+    }
+    println!(
+        "{:<8} {:>5} {:>10} {:>9} {:>9} {:>7} {:>14} {:>16}",
+        "encoding", "conns", "req/s", "p50 ms", "p99 ms", "errors", "server us/req", "rounds req/s"
+    );
+    for ((conns, encoding), mut sum) in sums {
+        sum.latencies.sort_unstable();
+        let n = sum.latencies.len();
+        let rps = n as f64 / sum.seconds;
+        let lo = sum.rounds_rps.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = sum.rounds_rps.iter().cloned().fold(0.0, f64::max);
+        println!(
+            "{:<8} {:>5} {:>10.0} {:>9.3} {:>9.3} {:>7} {:>14.0} {:>16}",
+            match encoding {
+                Encoding::Json => "json",
+                Encoding::Binary => "binary",
+                Encoding::Grpc => "grpc",
+                Encoding::GrpcMux => "grpc-mux",
+            },
+            conns,
+            rps,
+            percentile(&sum.latencies, 0.5),
+            percentile(&sum.latencies, 0.99),
+            sum.errors,
+            sum.cpu * 1e6 / n.max(1) as f64,
+            format!("{lo:.0}–{hi:.0}")
+        );
+        if let Some(e) = sum.first_error {
+            println!("  first error: {e}");
+        }
+        failed |= sum.errors > 0 || n == 0;
     }
     if failed {
         bail!("some requests failed");

@@ -208,7 +208,7 @@ fn run() -> Result<()> {
         }
         println!("fmnist-serve listening on {scheme}://{addr}");
         std::io::stdout().flush().ok();
-        serve(state, listener, grpc, shutdown::signal()).await?;
+        serve(state, listener, grpc, shutdown::signal).await?;
         tracing::info!("stopped");
         Ok(())
     })

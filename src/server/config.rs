@@ -127,7 +127,16 @@ pub struct ServeConfig {
     #[arg(long, env = "FMNIST_HEADER_READ_TIMEOUT_MS", default_value_t = 5000)]
     pub header_read_timeout_ms: u64,
 
-    /// On SIGTERM/Ctrl-C, how long in-flight requests may take to finish, in seconds.
+    /// On SIGTERM/Ctrl-C, how long to keep serving as a lame duck before closing the
+    /// listeners, in seconds: readiness answers 503 at once so a load balancer (or the
+    /// Kubernetes endpoint controller) stops routing here, while every request is still
+    /// served, HTTP/1.1 responses carry `Connection: close` and gRPC connections get GOAWAY.
+    /// Kubernetes: keep terminationGracePeriodSeconds above this plus --shutdown-grace-secs.
+    #[arg(long, env = "FMNIST_DRAIN_DELAY_SECS", default_value_t = 5)]
+    pub drain_delay_secs: u64,
+
+    /// After the drain, how long in-flight requests may take to finish, in seconds; those
+    /// still unanswered then get 503 (gRPC: UNAVAILABLE). A second signal exits at once.
     #[arg(long, env = "FMNIST_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
 

@@ -82,6 +82,8 @@ struct Inner {
 /// All server metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Shutdown state, for the count of requests answered 503 at the end of the grace period.
+    shutdown: Option<std::sync::Arc<super::drain::Shutdown>>,
     inner: Mutex<Inner>,
     /// Requests waiting for the batcher (a gauge).
     pub queue_depth: AtomicUsize,
@@ -90,6 +92,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    pub fn with_shutdown(shutdown: std::sync::Arc<super::drain::Shutdown>) -> Self {
+        Self {
+            shutdown: Some(shutdown),
+            ..Self::default()
+        }
+    }
+
     /// Records one answered request (an HTTP request or a gRPC call); `route` is the HTTP
     /// route template or the gRPC method's path.
     pub fn request(&self, protocol: Protocol, route: &'static str, status: u16, seconds: f64) {
@@ -161,6 +170,17 @@ impl Metrics {
             out,
             "fmnist_abandoned_requests_total {}",
             self.abandoned.load(Ordering::Relaxed)
+        );
+        out.push_str(
+            "# HELP fmnist_shutdown_unanswered_total Requests answered 503 (gRPC UNAVAILABLE) because the shutdown grace period ended first.\n",
+        );
+        out.push_str("# TYPE fmnist_shutdown_unanswered_total counter\n");
+        let _ = writeln!(
+            out,
+            "fmnist_shutdown_unanswered_total {}",
+            self.shutdown
+                .as_ref()
+                .map_or(0, |s| s.unanswered.load(Ordering::Relaxed))
         );
         out
     }

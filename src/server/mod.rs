@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod batcher;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod grpc;
 pub mod http;
@@ -27,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use metrics::Metrics;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -106,8 +107,9 @@ pub struct AppState {
     pub tls: Option<tls::TlsAcceptors>,
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
-    /// False once shutdown has begun (readiness answers 503).
-    pub ready: AtomicBool,
+    /// The shutdown phase (readiness answers 503 from the drain on).
+    pub shutdown: Arc<drain::Shutdown>,
+    pub connections: Arc<drain::Connections>,
     pub id_prefix: String,
     pub next_id: AtomicU64,
 }
@@ -119,7 +121,8 @@ impl AppState {
         auth: Authenticator,
         tls: Option<tls::TlsAcceptors>,
     ) -> Arc<Self> {
-        let metrics = Arc::new(Metrics::default());
+        let shutdown = Arc::new(drain::Shutdown::default());
+        let metrics = Arc::new(Metrics::with_shutdown(Arc::clone(&shutdown)));
         let info = ModelInfo::new(&config, &model);
         let batcher = Batcher::start(
             Arc::clone(&model),
@@ -149,7 +152,8 @@ impl AppState {
             tls,
             batcher,
             metrics,
-            ready: AtomicBool::new(true),
+            shutdown,
+            connections: Arc::new(drain::Connections::default()),
             id_prefix: format!("{:x}", nanos & 0xffff_ffff),
             next_id: AtomicU64::new(1),
         })
@@ -176,8 +180,26 @@ impl AppState {
         }
     }
 
+    /// Ready until shutdown begins.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.shutdown.phase() == drain::Phase::Serving
+    }
+
+    /// Runs a request's work unless the grace period ends first; then the request is answered
+    /// `ShuttingDown` (503 / UNAVAILABLE), logged and counted, rather than cut off.
+    pub async fn unless_expired<T>(
+        &self,
+        work: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        tokio::select! {
+            biased;
+            r = work => r,
+            _ = self.shutdown.reached(drain::Phase::Expired) => {
+                self.shutdown.unanswered.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("grace period over: answering an unfinished request with 503 / UNAVAILABLE");
+                Err(ApiError::ShuttingDown)
+            }
+        }
     }
 }
 
@@ -188,30 +210,80 @@ pub enum Protocol {
     Grpc,
 }
 
-/// One connection (plain or TLS), tracked for graceful shutdown: HTTP/1.1 for the HTTP
-/// listener, HTTP/2 with the tonic service for the gRPC one.
+/// Drives one connection until it ends, asking it to close gracefully (HTTP/1.1: after the
+/// response in progress, at once if idle; HTTP/2: GOAWAY, then in-flight streams finish) once
+/// the listeners close, or during the drain once it has been idle for [`drain::IDLE_CLOSE`]
+/// or, with `after_a_call` (gRPC), once it has answered a call since the drain began. An
+/// HTTP/1.1 connection learns it is going from the `Connection: close` of its responses.
+async fn drive<C>(
+    conn: C,
+    mut phase: tokio::sync::watch::Receiver<drain::Phase>,
+    activity: Arc<drain::Activity>,
+    after_a_call: bool,
+) where
+    C: hyper_util::server::graceful::GracefulConnection,
+{
+    tokio::pin!(conn);
+    let mut closing = false;
+    let mut watching = true;
+    let mut answered_at_drain = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        let p = *phase.borrow_and_update();
+        let draining = p >= drain::Phase::Draining;
+        if draining && answered_at_drain.is_none() {
+            answered_at_drain = Some(activity.completed());
+        }
+        let told = after_a_call && answered_at_drain.is_some_and(|n| activity.completed() > n);
+        let idle = draining && activity.idle_for() >= drain::IDLE_CLOSE;
+        if !closing && (p >= drain::Phase::Closing || idle || told) {
+            conn.as_mut().graceful_shutdown();
+            closing = true;
+        }
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            r = phase.changed(), if watching && !closing => watching = r.is_ok(),
+            _ = tick.tick(), if draining && !closing => {}
+        }
+    }
+}
+
+/// One connection (plain or TLS): HTTP/1.1 for the HTTP listener, HTTP/2 with the tonic
+/// service for the gRPC one, counted until it closes.
 async fn serve_connection<IO>(
     state: Arc<AppState>,
     peer: SocketAddr,
     io: IO,
     protocol: Protocol,
-    watcher: hyper_util::server::graceful::Watcher,
     header_timeout: Duration,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let _open = state.connections.open();
+    let phase = state.shutdown.subscribe();
+    let activity = Arc::new(drain::Activity::default());
     match protocol {
         Protocol::Http => {
-            let svc = service_fn(move |req| http::handle(Arc::clone(&state), peer, req));
+            let seen = Arc::clone(&activity);
+            let st = Arc::clone(&state);
+            let svc = service_fn(move |req| {
+                let busy = seen.begin();
+                let st = Arc::clone(&st);
+                async move {
+                    let r = http::handle(st, peer, req).await;
+                    drop(busy);
+                    r
+                }
+            });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(io), svc);
-            let _ = watcher.watch(conn).await;
+            drive(conn, phase, activity, false).await;
         }
         Protocol::Grpc => {
-            let svc = grpc::connection_service(state, peer);
+            let svc = grpc::connection_service(state, peer, Arc::clone(&activity));
             let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 // Streams (calls) at once on one connection; the batcher's queue bounds the
@@ -219,7 +291,7 @@ async fn serve_connection<IO>(
                 .max_concurrent_streams(grpc::MAX_CONCURRENT_STREAMS)
                 .max_header_list_size(64 * 1024)
                 .serve_connection(TokioIo::new(io), svc);
-            let _ = watcher.watch(conn).await;
+            drive(conn, phase, activity, true).await;
         }
     }
 }
@@ -234,76 +306,136 @@ async fn accept_on(
     }
 }
 
-/// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
-/// (up to the grace period) and returns. `grpc` is the optional gRPC listener; both share
-/// the connection limit.
-pub async fn serve(
+/// Starts serving one accepted connection, within the connection limit.
+fn spawn_connection(
+    state: &Arc<AppState>,
+    slots: &Arc<tokio::sync::Semaphore>,
+    accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    protocol: Protocol,
+    header_timeout: Duration,
+) -> Option<()> {
+    let (stream, peer) = match accepted {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "accept failed");
+            return None;
+        }
+    };
+    let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
+        tracing::warn!(%peer, "connection limit reached; closing new connection");
+        return Some(());
+    };
+    let _ = stream.set_nodelay(true);
+    let st = Arc::clone(state);
+    tokio::spawn(async move {
+        let tls = st.tls.as_ref().map(|t| match protocol {
+            Protocol::Http => t.http.clone(),
+            Protocol::Grpc => t.grpc.clone(),
+        });
+        match tls {
+            None => serve_connection(st, peer, stream, protocol, header_timeout).await,
+            Some(tls) => {
+                // The handshake gets the same deadline as the request headers.
+                match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                    Ok(Ok(s)) => serve_connection(st, peer, s, protocol, header_timeout).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            }
+        }
+        drop(permit);
+    });
+    Some(())
+}
+
+/// A second signal during shutdown: the operator wants out now.
+fn exit_now(signal: &str) -> ! {
+    tracing::warn!(signal, "second signal during shutdown: exiting at once");
+    std::process::exit(1)
+}
+
+/// Serves until the first signal (`signals()` resolves), then shuts down as a lame duck (see
+/// [`drain`]): readiness 503 and connections told to go for `--drain-delay-secs` while
+/// everything is still served; then the listeners close and in-flight work finishes within
+/// `--shutdown-grace-secs`; what is still unanswered then gets 503. A second signal exits at
+/// once. `grpc` is the optional gRPC listener; both share the connection limit.
+pub async fn serve<F>(
     state: Arc<AppState>,
     listener: TcpListener,
     grpc: Option<TcpListener>,
-    shutdown: impl Future<Output = &'static str>,
-) -> std::io::Result<()> {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    signals: impl Fn() -> F,
+) -> std::io::Result<()>
+where
+    F: Future<Output = &'static str>,
+{
     let slots = Arc::new(tokio::sync::Semaphore::new(
         state.config.max_connections.max(1),
     ));
     let header_timeout = Duration::from_millis(state.config.header_read_timeout_ms.max(1));
-    tokio::pin!(shutdown);
+    let first = signals();
+    tokio::pin!(first);
     let signal = loop {
         let (accepted, protocol) = tokio::select! {
             a = listener.accept() => (a, Protocol::Http),
             a = accept_on(grpc.as_ref()) => (a, Protocol::Grpc),
-            s = &mut shutdown => break s,
+            s = &mut first => break s,
         };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; closing new connection");
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let st = Arc::clone(&state);
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = st.tls.as_ref().map(|t| match protocol {
-                Protocol::Http => t.http.clone(),
-                Protocol::Grpc => t.grpc.clone(),
-            });
-            match tls {
-                None => serve_connection(st, peer, stream, protocol, watcher, header_timeout).await,
-                Some(tls) => {
-                    // The handshake gets the same deadline as the request headers.
-                    match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
-                        Ok(Ok(s)) => {
-                            serve_connection(st, peer, s, protocol, watcher, header_timeout).await
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
-            }
-            drop(permit);
-        });
+        if spawn_connection(&state, &slots, accepted, protocol, header_timeout).is_none() {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     };
-    drop(listener);
-    drop(grpc);
-    state.ready.store(false, Ordering::SeqCst);
+    let second = signals();
+    tokio::pin!(second);
+    let delay = Duration::from_secs(state.config.drain_delay_secs);
+    state.shutdown.set(drain::Phase::Draining);
     tracing::info!(
         signal,
-        "shutting down: no new connections; finishing in-flight requests"
+        ?delay,
+        "shutting down: readiness 503; draining (still serving, connections told to close)"
     );
-    let grace = Duration::from_secs(state.config.shutdown_grace_secs);
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
+    let drain_end = tokio::time::sleep(delay);
+    tokio::pin!(drain_end);
+    loop {
+        let (accepted, protocol) = tokio::select! {
+            a = listener.accept() => (a, Protocol::Http),
+            a = accept_on(grpc.as_ref()) => (a, Protocol::Grpc),
+            _ = &mut drain_end => break,
+            s = &mut second => exit_now(s),
+        };
+        if spawn_connection(&state, &slots, accepted, protocol, header_timeout).is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
+    drop(listener);
+    drop(grpc);
+    state.shutdown.set(drain::Phase::Closing);
+    let grace = Duration::from_secs(state.config.shutdown_grace_secs);
+    tracing::info!(
+        connections = state.connections.live(),
+        ?grace,
+        "listeners closed; finishing in-flight requests"
+    );
+    tokio::select! {
+        _ = state.connections.all_closed() => {
+            tracing::info!("all connections closed");
+            return Ok(());
+        }
+        _ = tokio::time::sleep(grace) => {}
+        s = &mut second => exit_now(s),
+    }
+    state.shutdown.set(drain::Phase::Expired);
+    tracing::warn!(
+        ?grace,
+        connections = state.connections.live(),
+        "grace period over: unfinished requests get 503 / UNAVAILABLE"
+    );
+    tokio::select! {
+        _ = state.connections.all_closed() => {}
+        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        s = &mut second => exit_now(s),
+    }
+    let unanswered = state.shutdown.unanswered.load(Ordering::Relaxed);
+    tracing::warn!(unanswered, "stopped after the grace period");
     Ok(())
 }

@@ -157,6 +157,17 @@ impl Server {
         self.wait_exit(limit)
     }
 
+    /// Sends SIGTERM, waits for the exit (at most `limit`), and returns the status and the
+    /// whole log.
+    pub fn terminate_logged(self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let stderr = Arc::clone(&self.stderr);
+        let status = self.terminate(limit);
+        // The reader thread drains the closed pipe.
+        std::thread::sleep(Duration::from_millis(200));
+        let logs = stderr.lock().unwrap().clone();
+        (status, logs)
+    }
+
     /// Waits for the process to exit (at most `limit`) and returns its status.
     pub fn wait_exit(mut self, limit: Duration) -> std::process::ExitStatus {
         let start = Instant::now();

@@ -55,10 +55,12 @@ const INFER: &str = METHODS[5];
 struct Announced(Arc<std::sync::Mutex<Option<super::batcher::Arriving>>>);
 
 /// The connection's hyper service: the tonic service, with ModelInfer calls announced to the
-/// batcher as soon as their headers are read, as the HTTP side does before reading a body.
+/// batcher as soon as their headers are read, as the HTTP side does before reading a body,
+/// and every call counted in the connection's `activity` (for the drain).
 pub fn connection_service(
     state: Arc<AppState>,
     peer: SocketAddr,
+    activity: Arc<super::drain::Activity>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
     Response = hyper::Response<tonic::body::Body>,
@@ -78,7 +80,9 @@ pub fn connection_service(
         }
         let mut svc = svc.clone();
         let state = Arc::clone(&state);
+        let busy = activity.begin();
         async move {
+            let _busy = busy;
             let started = Instant::now();
             let path = req.uri().path().to_string();
             let mut resp = svc.call(req).await?;
@@ -126,14 +130,16 @@ impl Service {
         Fut: Future<Output = Result<T, ApiError>>,
     {
         let started = Instant::now();
-        let result = async {
-            if needs_auth {
-                let header = metadata.get("authorization").map(|v| v.as_bytes());
-                self.state.authenticate(self.peer.ip(), header).await?;
-            }
-            f().await
-        }
-        .await;
+        let result = self
+            .state
+            .unless_expired(async {
+                if needs_auth {
+                    let header = metadata.get("authorization").map(|v| v.as_bytes());
+                    self.state.authenticate(self.peer.ip(), header).await?;
+                }
+                f().await
+            })
+            .await;
         let code = match &result {
             Ok(_) => tonic::Code::Ok,
             Err(e) => e.grpc_code(),

@@ -181,11 +181,19 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     let route = Route::resolve(&path);
     let label = route.as_ref().map_or("other", Route::label);
-    let result = dispatch(&state, peer, route, req).await;
+    let result = state
+        .unless_expired(dispatch(&state, peer, route, req))
+        .await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
+    // Lame duck: the client learns from this response that the connection is going away,
+    // never from a socket closed after it sent a request.
+    if state.shutdown.phase() >= super::drain::Phase::Draining {
+        resp.headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
