@@ -320,20 +320,10 @@ fn grpc_errors_map_to_status_codes() {
 /// gRPC over TLS negotiates h2 by ALPN with the same certificate as HTTPS.
 #[test]
 fn grpc_over_tls() {
-    let dir = tempfile::tempdir().unwrap();
-    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, generated.cert.pem()).unwrap();
-    std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
-    let s = Server::start(&[
-        "--grpc-listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]);
+    let cert = SelfSigned::new();
+    let mut args = vec!["--grpc-listen", "127.0.0.1:0"];
+    args.extend(cert.args());
+    let s = Server::start(&args);
     let (images, _) = fixture();
     let values = unit(&images[..2]);
     let auth = basic(USER, PASSWORD);
@@ -348,9 +338,7 @@ fn grpc_over_tls() {
     let rt = runtime();
     let mut c = rt.block_on(async {
         let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(
-                generated.cert.pem(),
-            ))
+            .ca_certificate(tonic::transport::Certificate::from_pem(&cert.pem))
             .domain_name("localhost");
         let channel = Channel::from_shared(format!("https://localhost:{port}"))
             .unwrap()

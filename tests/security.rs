@@ -39,23 +39,15 @@ fn https(addr: &str, ca_pem: &str, request: &[u8]) -> Raw {
 
 #[test]
 fn https_with_a_certificate_generated_in_the_test() {
-    let dir = tempfile::tempdir().unwrap();
-    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, generated.cert.pem()).unwrap();
-    std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
-    let s = Server::start(&[
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]);
+    let tls = SelfSigned::new();
+    let (cert, dir) = (tls.cert.clone(), tls.dir.path());
+    let s = Server::start(&tls.args());
     let (images, labels) = fixture();
     let body = format!("{{\"image\":{:?}}}", images[0]);
     let auth = basic(USER, PASSWORD);
     let r = https(
         &s.addr,
-        &generated.cert.pem(),
+        &tls.pem,
         &request(
             "POST",
             "/predict",
@@ -68,7 +60,7 @@ fn https_with_a_certificate_generated_in_the_test() {
     assert_eq!(r.json()["label"], labels[0] as u64);
     let r = https(
         &s.addr,
-        &generated.cert.pem(),
+        &tls.pem,
         &request("POST", "/predict", None, Some("application/json"), &body),
     );
     assert_eq!(r.status, 401);
@@ -85,7 +77,7 @@ fn https_with_a_certificate_generated_in_the_test() {
     assert!(!String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
     let r = https(
         &s.addr,
-        &generated.cert.pem(),
+        &tls.pem,
         b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(r.status, 200);
@@ -112,7 +104,7 @@ fn https_with_a_certificate_generated_in_the_test() {
         "plain HTTP probe of an HTTPS server passed"
     );
     let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let other_cert = dir.path().join("other.pem");
+    let other_cert = dir.join("other.pem");
     std::fs::write(&other_cert, other.cert.pem()).unwrap();
     let out = healthcheck(Some(&other_cert));
     assert!(!out.status.success(), "a different certificate was trusted");

@@ -393,3 +393,39 @@ pub fn train_binary() -> PathBuf {
     );
     p
 }
+
+/// A self-signed certificate for `localhost`, written into a new temporary folder.
+pub struct SelfSigned {
+    /// Keeps the files alive.
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The certificate in PEM, for clients to trust.
+    pub pem: String,
+}
+
+impl SelfSigned {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, generated.cert.pem()).unwrap();
+        std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
+        SelfSigned {
+            dir,
+            cert,
+            key,
+            pem: generated.cert.pem(),
+        }
+    }
+
+    /// `--tls-cert CERT --tls-key KEY`.
+    pub fn args(&self) -> [&str; 4] {
+        [
+            "--tls-cert",
+            self.cert.to_str().unwrap(),
+            "--tls-key",
+            self.key.to_str().unwrap(),
+        ]
+    }
+}
