@@ -460,3 +460,58 @@ fn grpc_is_served_during_the_drain() {
     let status = s.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{status:?}");
 }
+
+/// A gRPC message that stops arriving gets DEADLINE_EXCEEDED after the body idle timeout,
+/// as an HTTP body gets 408.
+#[test]
+fn a_stalled_grpc_message_gets_deadline_exceeded() {
+    use http_body_util::BodyExt;
+    let s = Server::start(&[
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--body-idle-timeout-ms",
+        "500",
+    ]);
+    let addr = s.grpc_addr.clone().unwrap();
+    let auth = basic(USER, PASSWORD);
+    runtime().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let (mut tx, body) =
+            http_body_util::channel::Channel::<bytes::Bytes, std::io::Error>::new(4);
+        let req = hyper::Request::post(format!(
+            "http://{addr}/inference.GRPCInferenceService/ModelInfer"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", auth)
+        .body(body)
+        .unwrap();
+        let call = tokio::spawn(async move { sender.send_request(req).await });
+        // A frame announcing 4,000 bytes, then 10 of them, then nothing.
+        let mut start = vec![0u8];
+        start.extend_from_slice(&4000u32.to_be_bytes());
+        start.extend_from_slice(&[0u8; 10]);
+        tx.send_data(bytes::Bytes::from(start)).await.unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("no answer to a stalled message")
+            .unwrap()
+            .unwrap();
+        let (head, body) = resp.into_parts();
+        let collected = body.collect().await.unwrap();
+        let status = collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| head.headers.get("grpc-status"))
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(status.as_deref(), Some("4"), "{head:?}");
+        drop(tx);
+    });
+}

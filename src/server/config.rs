@@ -123,6 +123,22 @@ pub struct ServeConfig {
     #[arg(long, env = "FMNIST_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
+    /// Most open connections from one client address (both listeners together); further
+    /// ones from it are closed at once, others are unaffected. 0 turns the limit off: do
+    /// that behind an ingress or proxy, where every client has the proxy's address.
+    #[arg(long, env = "FMNIST_MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
+    pub max_connections_per_ip: usize,
+
+    /// The longest gap in a request body with no bytes arriving, in milliseconds; a body
+    /// that stalls longer gets 408 and its connection is closed (gRPC: DEADLINE_EXCEEDED).
+    /// Slow but live uploads are fine.
+    #[arg(long, env = "FMNIST_BODY_IDLE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_idle_timeout_ms: u64,
+
+    /// The longest a whole request body may take to arrive, in seconds (408 after it).
+    #[arg(long, env = "FMNIST_BODY_TIMEOUT_SECS", default_value_t = 60)]
+    pub body_timeout_secs: u64,
+
     /// A client must send its request headers within this many milliseconds.
     #[arg(long, env = "FMNIST_HEADER_READ_TIMEOUT_MS", default_value_t = 5000)]
     pub header_read_timeout_ms: u64,

@@ -32,6 +32,8 @@ pub enum ApiError {
     UnsupportedMediaType { expected: &'static str, got: String },
     #[error("{0}")]
     Unprocessable(String),
+    #[error("{0}; closing the connection")]
+    RequestTimeout(String),
     #[error("too many failed authentication attempts from this address; retry later")]
     TooManyRequests { retry_after_secs: u64 },
     #[error("server is at capacity (inference queue full); retry shortly")]
@@ -54,6 +56,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QueueFull { .. } | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -75,6 +78,8 @@ impl ApiError {
                 vec![("retry-after", retry_after_secs.to_string())]
             }
             ApiError::ShuttingDown => vec![("retry-after", "1".into())],
+            // The rest of a stalled body may still come; the connection cannot be reused.
+            ApiError::RequestTimeout(_) => vec![("connection", "close".into())],
             _ => Vec::new(),
         }
     }
@@ -105,6 +110,7 @@ impl ApiError {
             | ApiError::QueueFull { .. }
             | ApiError::TooManyRequests { .. } => Code::ResourceExhausted,
             ApiError::ShuttingDown => Code::Unavailable,
+            ApiError::RequestTimeout(_) => Code::DeadlineExceeded,
             ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -162,6 +168,11 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (ApiError::ShuttingDown, 503, Code::Unavailable),
+            (
+                ApiError::RequestTimeout("x".into()),
+                408,
+                Code::DeadlineExceeded,
+            ),
             (ApiError::Internal("x".into()), 500, Code::Internal),
         ];
         for (e, http, grpc) in cases {

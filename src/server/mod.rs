@@ -10,6 +10,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod infer;
+pub mod limits;
 pub mod metrics;
 pub mod probe;
 pub mod shutdown;
@@ -110,6 +111,8 @@ pub struct AppState {
     /// The shutdown phase (readiness answers 503 from the drain on).
     pub shutdown: Arc<drain::Shutdown>,
     pub connections: Arc<drain::Connections>,
+    /// Connections per client address (`--max-connections-per-ip`).
+    pub per_ip: Arc<limits::PerIp>,
     pub id_prefix: String,
     pub next_id: AtomicU64,
 }
@@ -143,6 +146,7 @@ impl AppState {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
+        let per_ip = limits::PerIp::new(config.max_connections_per_ip);
         Arc::new(Self {
             openapi: http::openapi::document(&info.name, &info.version, config.max_images),
             model: info,
@@ -154,6 +158,7 @@ impl AppState {
             metrics,
             shutdown,
             connections: Arc::new(drain::Connections::default()),
+            per_ip,
             id_prefix: format!("{:x}", nanos & 0xffff_ffff),
             next_id: AtomicU64::new(1),
         })
@@ -178,6 +183,15 @@ impl AppState {
                 Err(e)
             }
         }
+    }
+
+    /// A request body bounded by `--body-idle-timeout-ms` and `--body-timeout-secs`.
+    pub fn timed<B>(&self, body: B) -> limits::TimedBody<B> {
+        limits::TimedBody::new(
+            body,
+            Duration::from_millis(self.config.body_idle_timeout_ms.max(1)),
+            Duration::from_secs(self.config.body_timeout_secs.max(1)),
+        )
     }
 
     /// Ready until shutdown begins.
@@ -325,6 +339,10 @@ fn spawn_connection(
         tracing::warn!(%peer, "connection limit reached; closing new connection");
         return Some(());
     };
+    let Some(ip_slot) = state.per_ip.admit(peer.ip()) else {
+        tracing::warn!(%peer, limit = state.config.max_connections_per_ip, "connection limit for this address reached; closing new connection");
+        return Some(());
+    };
     let _ = stream.set_nodelay(true);
     let st = Arc::clone(state);
     tokio::spawn(async move {
@@ -343,6 +361,7 @@ fn spawn_connection(
                 }
             }
         }
+        drop(ip_slot);
         drop(permit);
     });
     Some(())

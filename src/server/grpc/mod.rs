@@ -71,7 +71,18 @@ pub fn connection_service(
 > + Clone {
     use tonic::codegen::Service as _;
     let svc = service(Arc::clone(&state), peer);
-    hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+    hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        // The message must keep arriving, as an HTTP body must; tonic keeps a Status error
+        // of the body as the call's status.
+        let mut req = req.map(|b| {
+            http_body_util::BodyExt::map_err(state.timed(b), |e| match e
+                .downcast::<super::limits::BodyTimedOut>()
+            {
+                Ok(t) => Box::new(ApiError::RequestTimeout(t.0).to_grpc())
+                    as Box<dyn std::error::Error + Send + Sync>,
+                Err(e) => e,
+            })
+        });
         if req.uri().path() == INFER {
             if let Ok(a) = state.batcher.arriving() {
                 req.extensions_mut()

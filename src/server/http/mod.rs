@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::infer;
 use super::{AppState, Protocol};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::{Body, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -265,7 +265,7 @@ async fn dispatch(
         Route::OpenApi => Ok(json_response(StatusCode::OK, &state.openapi)),
         Route::Predict => {
             let arriving = state.batcher.arriving()?;
-            let body = read_body(req, state.config.max_body_bytes, BodyKind::Json).await?;
+            let body = read_body(state, req, state.config.max_body_bytes, BodyKind::Json).await?;
             let parsed = match predict::fast_single_image(&body) {
                 Some(pixels) => predict::PredictRequest {
                     pixels,
@@ -299,7 +299,7 @@ async fn dispatch(
                 .map(|v| v2::header_length(v.as_bytes()))
                 .transpose()?;
             let binary_type = is_octet_stream(&req);
-            let body = read_body(req, state.config.max_body_bytes, BodyKind::Infer).await?;
+            let body = read_body(state, req, state.config.max_body_bytes, BodyKind::Infer).await?;
             if binary_type && header_len.is_none() {
                 return Err(ApiError::BadRequest(
                     "an application/octet-stream body needs the Inference-Header-Content-Length                      header (the binary tensor data extension)"
@@ -378,6 +378,7 @@ enum BodyKind {
 /// announced, and stops reading at `limit` when it is not (chunked bodies). The limit covers
 /// the whole body, binary sections included.
 async fn read_body(
+    state: &AppState,
     req: Request<Incoming>,
     limit: usize,
     kind: BodyKind,
@@ -417,12 +418,11 @@ async fn read_body(
     if body.size_hint().lower() > limit as u64 {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::PayloadTooLarge { limit })
-        }
-        Err(e) => Err(ApiError::BadRequest(format!(
+    match super::limits::collect(state.timed(body), limit).await {
+        Ok(bytes) => Ok(bytes),
+        Err(super::limits::CollectError::TooLarge) => Err(ApiError::PayloadTooLarge { limit }),
+        Err(super::limits::CollectError::TimedOut(m)) => Err(ApiError::RequestTimeout(m)),
+        Err(super::limits::CollectError::Other(e)) => Err(ApiError::BadRequest(format!(
             "could not read the body: {e}"
         ))),
     }
