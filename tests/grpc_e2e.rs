@@ -448,9 +448,12 @@ fn grpc_is_served_during_the_drain() {
     assert!(s.wait_for_log("draining", Duration::from_secs(5)));
     std::thread::sleep(Duration::from_millis(200));
     rt.block_on(async {
+        // Each connection is told to go after its first call in the drain, so each call here
+        // opens its own (a tonic channel does not retry a call on a connection that went).
         let mut c = client(&s).await;
         let ready = c.server_ready(pb::ServerReadyRequest {}).await.unwrap();
         assert!(!ready.into_inner().ready);
+        let mut c = client(&s).await;
         let r = c
             .model_infer(authed(raw_request(&values), &auth))
             .await

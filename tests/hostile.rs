@@ -392,7 +392,12 @@ fn overload_is_shed_by_the_image_budget_and_abandoned_requests_are_not_run() {
         c.write_all(&request).unwrap();
         gone.push(c);
     }
-    std::thread::sleep(Duration::from_millis(50));
+    // Hang up once some of them are queued (not on a fixed delay: on a loaded machine 50 ms
+    // may end before any body is even parsed, and then nothing is queued to abandon).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(&s, "fmnist_queue_depth") < 2.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     drop(gone);
     std::thread::sleep(Duration::from_millis(3000));
     let abandoned = metric(&s, "fmnist_abandoned_requests_total");
