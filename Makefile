@@ -14,7 +14,7 @@ MODEL ?= weights/fmnist-cnn.onnx
 VENV ?= .venv
 
 .PHONY: oip-clients help deps deps-data build data train eval serve test test-rust test-onnxruntime check-shipped \
-        bench bench-train bench-serve bench-vgg bench-kernels soak soak-ci fuzz schemathesis vgg16-weights train-vgg postman image image-run image-test k8s-validate fmt lint clean
+        bench bench-train bench-serve bench-vgg bench-kernels soak soak-ci fuzz fuzz-tools fuzz-ci fuzz-long fuzz-cmin schemathesis vgg16-weights train-vgg postman image image-run image-test k8s-validate fmt lint clean
 
 help:
 	@echo "make serve        serve $(MODEL) on http://127.0.0.1:8080, gRPC on 127.0.0.1:8081 (dev credentials admin/password123)"
@@ -38,6 +38,8 @@ help:
 	@echo "make soak         10-minute load at capacity: errors and memory growth (soak-ci: 45 s)"
 	@echo "make schemathesis API conformance: schemathesis against /openapi.json of a live server"
 	@echo "make fuzz         property-based fuzzing of request decoding and preprocessing"
+	@echo "make fuzz-long    cargo fuzz (libFuzzer, nightly): every target for FUZZ_LONG_SECONDS (600) each"
+	@echo "make fuzz-ci      the same, FUZZ_SECONDS (40) each; make fuzz-cmin folds new finds into fuzz/corpus"
 	@echo "make lint         cargo fmt --check and clippy -D warnings"
 
 # Installs (as root) or names (otherwise) a Debian package when the command/file is missing.
@@ -120,6 +122,29 @@ test-rust:
 PROPTEST_CASES ?= 20000
 fuzz:
 	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --release -p fmnist --lib fuzz
+
+# Coverage-guided fuzzing (fuzz/, cargo fuzz + libFuzzer, nightly): every target for
+# FUZZ_SECONDS each. fuzz-ci is CI's bounded run (7 targets x 40 s, after a ~7-minute
+# instrumented build); fuzz-long is the long run whose figures RELIABILITY.md records;
+# fuzz-cmin folds what the runs found into the committed corpus, minimised.
+FUZZ_SECONDS ?= 40
+FUZZ_LONG_SECONDS ?= 600
+fuzz-tools:
+	@rustup toolchain list | grep -q '^nightly' || { echo "cargo fuzz needs the nightly toolchain: rustup toolchain install nightly"; exit 1; }
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz --version 0.13.2
+
+fuzz-ci: fuzz-tools
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
+
+fuzz-long: fuzz-tools
+	bash scripts/fuzz.sh $(FUZZ_LONG_SECONDS)
+
+fuzz-cmin: fuzz-tools
+	@for t in $$(cargo +nightly fuzz list --fuzz-dir fuzz); do \
+	  if [ -d fuzz/target/corpus-work/$$t ]; then cp -n fuzz/target/corpus-work/$$t/* fuzz/corpus/$$t/ 2>/dev/null || true; fi; \
+	  cargo +nightly fuzz cmin --fuzz-dir fuzz -O -a $$t fuzz/corpus/$$t -- -rss_limit_mb=3072 >/dev/null 2>&1 || exit 1; \
+	  echo "$$t: $$(ls fuzz/corpus/$$t | wc -l) inputs, $$(du -sh fuzz/corpus/$$t | cut -f1)"; \
+	done
 
 # API conformance against the live server's OpenAPI document (schemathesis from PyPI).
 ST_EXAMPLES ?= 100

@@ -6,6 +6,8 @@
 //! place is what guarantees that a model sees the same numbers at serving time as in training.
 
 pub mod classes;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod onnx;
 pub mod preprocess;
 pub mod report;

@@ -93,6 +93,13 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Xor",
 ];
 
+/// The most values one initializer may hold: 2^28 (1 GiB of float32). VGG16's largest,
+/// its first fully connected layer, holds 102.8 M.
+pub const MAX_TENSOR_VALUES: usize = 1 << 28;
+
+/// The largest square RGB input side accepted (`[N,3,S,S]`); the VGG16 path trains at 32–224.
+pub const MAX_RGB_SIZE: i64 = 512;
+
 /// Why a model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -135,6 +142,12 @@ pub enum ModelError {
         path: PathBuf,
         name: String,
         source: Box<candle_core::Error>,
+    },
+    #[error("{path}: initializer '{name}' {problem}")]
+    InitializerBounds {
+        path: PathBuf,
+        name: String,
+        problem: String,
     },
     #[error("input tensor has shape {found:?}; this model wants {expected}")]
     BadInput { found: Vec<usize>, expected: String },
@@ -194,6 +207,59 @@ fn shape_of(info: &onnx::ValueInfoProto) -> Option<(i32, Vec<Option<i64>>)> {
     Some((t.elem_type, dims))
 }
 
+/// Checks an initializer's declared shape against [`MAX_TENSOR_VALUES`] and against the data
+/// it carries, before candle converts it. Why here: candle-onnx trusts the dims (their product
+/// overflows on hostile values) and candle's unaligned raw-buffer path copies `raw_data.len()`
+/// bytes into a buffer sized for whole elements, so a length that is not a multiple of the
+/// element size would write past it.
+fn check_initializer(t: &onnx::TensorProto) -> Result<(), String> {
+    use onnx::tensor_proto::DataType as D;
+    if t.data_location == onnx::tensor_proto::DataLocation::External as i32 {
+        return Err("keeps its data in an external file, which fmnist does not read".into());
+    }
+    let mut count: usize = 1;
+    for &d in &t.dims {
+        let d = usize::try_from(d).map_err(|_| format!("has a negative dimension ({d})"))?;
+        count = count
+            .checked_mul(d)
+            .filter(|&c| c <= MAX_TENSOR_VALUES)
+            .ok_or_else(|| format!("has shape {:?}, over {MAX_TENSOR_VALUES} values", t.dims))?;
+    }
+    let (size, typed) = match D::try_from(t.data_type) {
+        Ok(D::Float) => (4, t.float_data.len()),
+        Ok(D::Double) => (8, t.double_data.len()),
+        Ok(D::Int64) => (8, t.int64_data.len()),
+        Ok(D::Int32) => (4, t.int32_data.len()),
+        Ok(D::Uint32) => (4, 0),
+        Ok(D::Float16) => (2, 0),
+        Ok(D::Uint8 | D::Bool) => (1, 0),
+        _ => {
+            return Err(format!(
+                "has data type {}, which fmnist does not load",
+                t.data_type
+            ))
+        }
+    };
+    let fits = if typed > 0 {
+        typed == count
+    } else {
+        t.raw_data.len() == count * size
+    };
+    if !fits {
+        return Err(format!(
+            "declares {count} values of shape {:?} but carries {} ({} raw bytes)",
+            t.dims,
+            if typed > 0 {
+                typed
+            } else {
+                t.raw_data.len() / size
+            },
+            t.raw_data.len()
+        ));
+    }
+    Ok(())
+}
+
 fn show_dims(dims: &[Option<i64>]) -> String {
     let parts: Vec<String> = dims
         .iter()
@@ -210,11 +276,18 @@ impl OnnxModel {
             path: path.clone(),
             source,
         })?;
-        let proto =
-            onnx::ModelProto::decode(bytes.as_slice()).map_err(|source| ModelError::Decode {
-                path: path.clone(),
-                source,
-            })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Decodes, validates and prepares a model held in memory; `path` is used in messages
+    /// only. Every shape and size in the file is checked against [`MAX_TENSOR_VALUES`],
+    /// [`MAX_RGB_SIZE`] and the bytes actually present before anything is allocated for it,
+    /// so a hostile or damaged file costs at most a few times its own size.
+    pub fn from_bytes(path: PathBuf, bytes: &[u8]) -> Result<Self, ModelError> {
+        let proto = onnx::ModelProto::decode(bytes).map_err(|source| ModelError::Decode {
+            path: path.clone(),
+            source,
+        })?;
         Self::from_proto(path, proto, bytes.len() as u64)
     }
 
@@ -268,7 +341,7 @@ impl OnnxModel {
         let layout = match dims.as_slice() {
             [_, Some(784)] => InputLayout::Flat,
             [_, Some(1), Some(28), Some(28)] => InputLayout::Gray,
-            [_, Some(3), Some(h), Some(w)] if h == w && *h >= 1 => {
+            [_, Some(3), Some(h), Some(w)] if h == w && (1..=MAX_RGB_SIZE).contains(h) => {
                 InputLayout::Rgb { size: *h as usize }
             }
             _ => return Err(bad_input(show_dims(&dims))),
@@ -289,6 +362,13 @@ impl OnnxModel {
                     found: show_dims(&odims),
                 });
             }
+        }
+        for t in &graph.initializer {
+            check_initializer(t).map_err(|problem| ModelError::InitializerBounds {
+                path: path.clone(),
+                name: t.name.clone(),
+                problem,
+            })?;
         }
         let mut weights = Vec::with_capacity(graph.initializer.len());
         for t in std::mem::take(&mut graph.initializer) {
@@ -609,5 +689,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("[?,5,32,32]"), "{err}");
+    }
+
+    /// Every shape and size is checked before candle allocates: each case here would
+    /// otherwise overflow, allocate far more than the file holds, or (the odd raw length)
+    /// write past candle's buffer.
+    #[test]
+    fn initializer_shapes_and_sizes_are_bounded_before_allocation() {
+        let refused = |edit: &dyn Fn(&mut onnx::TensorProto)| {
+            let mut proto = build_model(&rgb_spec(4)).unwrap();
+            let g = proto.graph.as_mut().unwrap();
+            let t = g
+                .initializer
+                .iter_mut()
+                .find(|t| t.dims == [2, 3, 3, 3])
+                .unwrap();
+            edit(t);
+            OnnxModel::from_proto("m.onnx".into(), proto, 0)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused(&|t| t.dims[0] = -2);
+        assert!(e.contains("negative dimension (-2)"), "{e}");
+        let e = refused(&|t| t.dims = vec![1 << 40, 1 << 40, 1, 1]);
+        assert!(e.contains("over 268435456 values"), "{e}");
+        let e = refused(&|t| t.dims[0] *= 2);
+        assert!(
+            e.contains("declares 108 values") && e.contains("carries 54"),
+            "{e}"
+        );
+        let e = refused(&|t| {
+            t.raw_data.pop();
+        });
+        assert!(e.contains("215 raw bytes"), "{e}");
+        let e = refused(&|t| t.data_type = onnx::tensor_proto::DataType::String as i32);
+        assert!(e.contains("data type 8"), "{e}");
+        let e = refused(&|t| t.data_location = 1);
+        assert!(e.contains("external file"), "{e}");
+        // The typed field must hold exactly the declared count too.
+        let e = refused(&|t| {
+            t.float_data = vec![0.0; 3];
+            t.raw_data.clear();
+        });
+        assert!(e.contains("declares 54 values"), "{e}");
+
+        let big = build_model(&rgb_spec(4)).map(|mut p| {
+            let input = &mut p.graph.as_mut().unwrap().input[0];
+            if let Some(type_proto::Value::TensorType(t)) =
+                input.r#type.as_mut().unwrap().value.as_mut()
+            {
+                let dims = &mut t.shape.as_mut().unwrap().dim;
+                dims[2].value = Some(Dim::DimValue(MAX_RGB_SIZE + 1));
+                dims[3].value = Some(Dim::DimValue(MAX_RGB_SIZE + 1));
+            }
+            p
+        });
+        let e = OnnxModel::from_proto("m.onnx".into(), big.unwrap(), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[?,3,513,513]"), "{e}");
     }
 }

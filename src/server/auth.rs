@@ -86,7 +86,10 @@ pub fn permission_warning(path: &Path) -> Option<String> {
     None
 }
 
-fn parse_file(path: &Path, text: &str) -> Result<HashMap<String, String>, AuthConfigError> {
+pub(crate) fn parse_file(
+    path: &Path,
+    text: &str,
+) -> Result<HashMap<String, String>, AuthConfigError> {
     let mut users = HashMap::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
@@ -126,7 +129,7 @@ fn parse_file(path: &Path, text: &str) -> Result<HashMap<String, String>, AuthCo
 }
 
 /// The user and password of a `Basic` authorization header, or `None` if malformed.
-fn decode_basic(header: &[u8]) -> Option<(String, String)> {
+pub(crate) fn decode_basic(header: &[u8]) -> Option<(String, String)> {
     let text = std::str::from_utf8(header).ok()?;
     let (scheme, rest) = text.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {

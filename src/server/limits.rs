@@ -176,46 +176,48 @@ mod tests {
         assert!(PerIp::new(0).admit(ip).is_some());
     }
 
+    /// On the real clock, with margins wide enough for a loaded machine: what is asserted is
+    /// which bound fires (or none), not how long it took.
     #[test]
     fn a_stalled_body_times_out_and_a_steady_one_does_not() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .start_paused(true)
             .build()
             .unwrap();
         rt.block_on(async {
-            // Chunks every 80 ms against a 100 ms idle bound: arrives.
+            // Chunks every 20 ms against a 1 s idle bound: arrives.
             let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
             let feeder = tokio::spawn(async move {
                 for _ in 0..5 {
-                    tokio::time::sleep(Duration::from_millis(80)).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     tx.send_data(Bytes::from_static(b"abc")).await.unwrap();
                 }
             });
-            let timed = TimedBody::new(body, Duration::from_millis(100), Duration::from_secs(5));
+            let timed = TimedBody::new(body, Duration::from_secs(1), Duration::from_secs(30));
             let got = collect(timed, 1000).await.ok().unwrap();
             assert_eq!(got.len(), 15);
             feeder.await.unwrap();
-            // One chunk, then silence: stalls.
+            // One chunk, then silence (the sender stays open): stalls.
             let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
             tx.send_data(Bytes::from_static(b"abc")).await.unwrap();
-            let timed = TimedBody::new(body, Duration::from_millis(100), Duration::from_secs(5));
+            let timed = TimedBody::new(body, Duration::from_millis(100), Duration::from_secs(30));
             match collect(timed, 1000).await {
                 Err(CollectError::TimedOut(m)) => assert!(m.contains("stalled"), "{m}"),
                 _ => panic!("no timeout"),
             }
             drop(tx);
-            // Steady but too long in all.
+            // Steady (a chunk every 20 ms, 1 s idle bound) but longer than 1 s in all: the
+            // feeder would take 10 s.
             let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
             let feeder = tokio::spawn(async move {
-                for _ in 0..50 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                for _ in 0..500 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     if tx.send_data(Bytes::from_static(b"a")).await.is_err() {
                         break;
                     }
                 }
             });
-            let timed = TimedBody::new(body, Duration::from_millis(100), Duration::from_secs(1));
+            let timed = TimedBody::new(body, Duration::from_secs(1), Duration::from_secs(1));
             match collect(timed, 1000).await {
                 Err(CollectError::TimedOut(m)) => assert!(m.contains("longer than 1 s"), "{m}"),
                 _ => panic!("no total timeout"),

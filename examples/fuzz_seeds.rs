@@ -1,0 +1,158 @@
+//! Writes the seed inputs of the fuzz targets (`fuzz/`) into `fuzz/corpus/<target>/`:
+//! one or two well-formed inputs per target for libFuzzer to mutate from. The corpus that is
+//! committed is what `cargo fuzz cmin` keeps after the runs (RELIABILITY.md).
+//!
+//! `cargo run --release --example fuzz_seeds [-- DIR]` (default `fuzz/corpus`).
+
+use candle_onnx::onnx::ModelProto;
+use fmnist::onnx::writer::{build_model, GraphSpec, Layer};
+use fmnist::server::grpc::pb;
+use fmnist::InputLayout;
+use prost::Message;
+use std::path::Path;
+
+fn put(dir: &Path, target: &str, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let d = dir.join(target);
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join(name), bytes)
+}
+
+/// A small model the planned executor plans: normalize, conv 3×3 (4 channels, padded),
+/// ReLU, max-pool 2 then 7, flatten, linear to 10.
+fn tiny_cnn() -> ModelProto {
+    let w = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) * scale)
+            .collect()
+    };
+    let spec = GraphSpec {
+        name: "tiny".into(),
+        input: InputLayout::Gray,
+        num_classes: 10,
+        layers: vec![
+            Layer::Normalize {
+                mean: vec![0.5],
+                std: vec![0.25],
+            },
+            Layer::Conv2d {
+                weight: w(36, 0.05),
+                shape: [4, 1, 3, 3],
+                bias: w(4, 0.01),
+                stride: 1,
+                padding: 1,
+            },
+            Layer::Relu,
+            Layer::MaxPool2d {
+                kernel: 2,
+                stride: 2,
+            },
+            Layer::MaxPool2d {
+                kernel: 7,
+                stride: 7,
+            },
+            Layer::Flatten,
+            Layer::Linear {
+                weight: w(160, 0.1),
+                in_features: 16,
+                out_features: 10,
+                bias: w(10, 0.01),
+            },
+        ],
+        metadata: vec![],
+    };
+    build_model(&spec).expect("the tiny spec is valid")
+}
+
+fn main() -> std::io::Result<()> {
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "fuzz/corpus".into());
+    let dir = Path::new(&dir);
+    let pixels = |n: usize| -> Vec<String> { (0..n).map(|i| (i % 256).to_string()).collect() };
+
+    put(dir, "onnx_bytes", "tiny_cnn", &tiny_cnn().encode_to_vec())?;
+    // Edit scripts for the shipped model: change an attribute, a dim, an op type.
+    put(dir, "onnx_mutate", "attr", &[1, 0, 0, 3])?;
+    put(dir, "onnx_mutate", "dims", &[5, 1, 0, 2])?;
+    put(dir, "onnx_mutate", "op", &[0, 2, 5])?;
+
+    let single = format!("{{\"image\": [{}]}}", pixels(784).join(","));
+    let batch = format!(
+        "{{\"images\": [[{}], [{}]]}}",
+        pixels(784).join(","),
+        pixels(784).join(", ")
+    );
+    put(dir, "predict_body", "single", single.as_bytes())?;
+    put(dir, "predict_body", "batch", batch.as_bytes())?;
+
+    let v2 = format!(
+        "{{\"id\": \"a\", \"inputs\": [{{\"name\": \"pixels\", \"shape\": [1, 784], \
+         \"datatype\": \"FP32\", \"data\": [{}]}}], \"outputs\": [{{\"name\": \"probabilities\", \
+         \"parameters\": {{\"classification\": 3}}}}]}}",
+        (0..784)
+            .map(|i| format!("{}", (i % 10) as f32 / 10.0))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut json = vec![0u8];
+    json.extend_from_slice(v2.as_bytes());
+    put(dir, "v2_body", "json", &json)?;
+    let floats: Vec<u8> = (0..784)
+        .flat_map(|i| ((i % 7) as f32 / 7.0).to_le_bytes())
+        .collect();
+    let mut raw = vec![1u8];
+    raw.extend_from_slice(&floats);
+    put(dir, "v2_body", "raw", &raw)?;
+    let head = br#"{"inputs":[{"name":"pixels","shape":[1,784],"datatype":"FP32","parameters":{"binary_data_size":3136}}],"parameters":{"binary_data_output":true}}"#;
+    let mut ext = vec![2u8];
+    ext.extend_from_slice(&(head.len() as u16).to_le_bytes());
+    ext.extend_from_slice(head);
+    ext.extend_from_slice(&floats);
+    put(dir, "v2_body", "binary_extension", &ext)?;
+    put(dir, "v2_header_length", "count", b"3136")?;
+
+    let input = pb::model_infer_request::InferInputTensor {
+        name: "pixels".into(),
+        datatype: "FP32".into(),
+        shape: vec![1, 784],
+        ..Default::default()
+    };
+    let req = pb::ModelInferRequest {
+        model_name: "fmnist".into(),
+        id: "seed".into(),
+        inputs: vec![input.clone()],
+        raw_input_contents: vec![floats.clone()],
+        ..Default::default()
+    };
+    put(dir, "grpc_infer", "raw_contents", &req.encode_to_vec())?;
+    let req = pb::ModelInferRequest {
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            contents: Some(pb::InferTensorContents {
+                fp32_contents: (0..784).map(|i| (i % 3) as f32 / 2.0).collect(),
+                ..Default::default()
+            }),
+            ..input
+        }],
+        outputs: vec![pb::model_infer_request::InferRequestedOutputTensor {
+            name: "logits".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    put(dir, "grpc_infer", "typed_contents", &req.encode_to_vec())?;
+
+    put(
+        dir,
+        "basic_auth",
+        "header",
+        b"Basic YWRtaW46cGFzc3dvcmQxMjM=",
+    )?;
+    put(
+        dir,
+        "basic_auth",
+        "file",
+        b"# users\nadmin:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA\n",
+    )?;
+    println!("seeds written under {}", dir.display());
+    Ok(())
+}
