@@ -153,6 +153,36 @@ fn main() -> std::io::Result<()> {
         "file",
         b"# users\nadmin:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA\n",
     )?;
+    // Small images in every accepted format: a dark bar on white, one with alpha.
+    let gray = image::GrayImage::from_fn(24, 16, |x, y| {
+        image::Luma([if (6..18).contains(&x) && (4..12).contains(&y) {
+            30
+        } else {
+            240
+        }])
+    });
+    let rgba = image::DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_fn(16, 16, |x, _| {
+        image::LumaA([20, if x < 8 { 255 } else { 0 }])
+    }));
+    let gray = image::DynamicImage::ImageLuma8(gray);
+    for (name, img, format) in [
+        ("png", &gray, image::ImageFormat::Png),
+        ("png_alpha", &rgba, image::ImageFormat::Png),
+        ("jpeg", &gray, image::ImageFormat::Jpeg),
+        ("gif", &gray, image::ImageFormat::Gif),
+        ("bmp", &gray, image::ImageFormat::Bmp),
+        ("webp", &rgba, image::ImageFormat::WebP),
+    ] {
+        let mut out = Vec::new();
+        let img = if format == image::ImageFormat::Png || format == image::ImageFormat::WebP {
+            img.clone()
+        } else {
+            image::DynamicImage::ImageRgb8(img.to_rgb8())
+        };
+        img.write_to(&mut std::io::Cursor::new(&mut out), format)
+            .expect("encodes");
+        put(dir, "photo", name, &out)?;
+    }
     println!("seeds written under {}", dir.display());
     Ok(())
 }

@@ -309,3 +309,15 @@ pub fn onnx_mutate(base: &onnx::ModelProto, data: &[u8]) {
         exercise(&model, true);
     }
 }
+
+/// An uploaded image file: refused with one of the three photo errors or converted to 784
+/// pixels; never a panic, and never more memory than the (small) decoding bounds here allow.
+pub fn photo(data: &[u8]) {
+    let limits = crate::photo::DecodeLimits {
+        max_side: 4096,
+        max_decoded_bytes: 32 << 20,
+    };
+    if let Ok(px) = crate::photo::photo_pixels(data, limits) {
+        assert_eq!(px.len(), crate::classes::IMAGE_PIXELS);
+    }
+}

@@ -9,6 +9,7 @@ pub mod classes;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod onnx;
+pub mod photo;
 pub mod preprocess;
 pub mod report;
 pub mod server;

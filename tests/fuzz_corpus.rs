@@ -64,6 +64,11 @@ fn grpc_infer() {
 }
 
 #[test]
+fn photo() {
+    replay("photo", fmnist::fuzzing::photo);
+}
+
+#[test]
 fn basic_auth() {
     replay("basic_auth", fmnist::fuzzing::basic_auth);
 }

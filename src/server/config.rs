@@ -97,6 +97,28 @@ pub struct ServeConfig {
     #[arg(long, env = "FMNIST_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Largest image upload to /predict, in bytes: a raw image body (`Content-Type: image/*`)
+    /// or a whole `multipart/form-data` body. Phone photos are 3–8 MB. JSON bodies, base64
+    /// images included, keep `--max-body-bytes`.
+    #[arg(long, env = "FMNIST_MAX_IMAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_image_bytes: usize,
+
+    /// Largest width or height of an uploaded image, in pixels (413 beyond; read from the
+    /// file's header before any pixel is decoded).
+    #[arg(long, env = "FMNIST_MAX_IMAGE_SIDE", default_value_t = crate::photo::DEFAULT_LIMITS.max_side)]
+    pub max_image_side: u32,
+
+    /// Largest decoded image, in MiB (width x height x bytes per pixel; 413 beyond). With
+    /// `--max-concurrent-decodes` it bounds the memory image decoding can take.
+    #[arg(long, env = "FMNIST_MAX_DECODED_IMAGE_MIB", default_value_t = crate::photo::DEFAULT_LIMITS.max_decoded_bytes >> 20)]
+    pub max_decoded_image_mib: u64,
+
+    /// Images decoded at once; further uploads wait their turn. Decoding a photo takes tens
+    /// of milliseconds of CPU and up to `--max-decoded-image-mib` x ~1.7 of memory, so the
+    /// default (2) keeps the peak within the Deployment's 512 MiB limit.
+    #[arg(long, env = "FMNIST_MAX_CONCURRENT_DECODES", default_value_t = 2)]
+    pub max_concurrent_decodes: usize,
+
     /// Most images in one request (`images` of /predict, N of v2 infer).
     #[arg(long, env = "FMNIST_MAX_IMAGES", default_value_t = 256)]
     pub max_images: usize,

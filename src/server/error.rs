@@ -32,6 +32,12 @@ pub enum ApiError {
     UnsupportedMediaType { expected: &'static str, got: String },
     #[error("{0}")]
     Unprocessable(String),
+    /// An image over the decoding bounds (dimensions or decoded size): 413.
+    #[error("{0}")]
+    ImageTooLarge(String),
+    /// An image in a format that is not accepted: 415.
+    #[error("{0}")]
+    UnsupportedImage(String),
     #[error("{0}; closing the connection")]
     RequestTimeout(String),
     #[error("too many failed authentication attempts from this address; retry later")]
@@ -53,8 +59,12 @@ impl ApiError {
                 StatusCode::NOT_FOUND
             }
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge { .. } | ApiError::ImageTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::UnsupportedMediaType { .. } | ApiError::UnsupportedImage(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -100,13 +110,16 @@ impl ApiError {
             ApiError::BadJson(_) | ApiError::BadRequest(_) | ApiError::Unprocessable(_) => {
                 Code::InvalidArgument
             }
-            ApiError::UnsupportedMediaType { .. } => Code::InvalidArgument,
+            ApiError::UnsupportedMediaType { .. } | ApiError::UnsupportedImage(_) => {
+                Code::InvalidArgument
+            }
             ApiError::Unauthorized => Code::Unauthenticated,
             ApiError::NotFound(_) | ApiError::UnknownModel(_) | ApiError::UnknownVersion { .. } => {
                 Code::NotFound
             }
             ApiError::MethodNotAllowed { .. } => Code::Unimplemented,
             ApiError::PayloadTooLarge { .. }
+            | ApiError::ImageTooLarge(_)
             | ApiError::QueueFull { .. }
             | ApiError::TooManyRequests { .. } => Code::ResourceExhausted,
             ApiError::ShuttingDown => Code::Unavailable,
@@ -127,6 +140,19 @@ impl ApiError {
             }
         }
         status
+    }
+}
+
+/// One status per image failure: 413 over the bounds, 415 not an accepted format, 422
+/// corrupt or truncated.
+impl From<crate::photo::PhotoError> for ApiError {
+    fn from(e: crate::photo::PhotoError) -> Self {
+        use crate::photo::PhotoError;
+        match e {
+            PhotoError::TooLarge(m) => ApiError::ImageTooLarge(m),
+            PhotoError::Unsupported(m) => ApiError::UnsupportedImage(m),
+            PhotoError::Corrupt(m) => ApiError::Unprocessable(m),
+        }
     }
 }
 
@@ -152,6 +178,16 @@ mod tests {
                 ApiError::PayloadTooLarge { limit: 1 },
                 413,
                 Code::ResourceExhausted,
+            ),
+            (
+                ApiError::ImageTooLarge("x".into()),
+                413,
+                Code::ResourceExhausted,
+            ),
+            (
+                ApiError::UnsupportedImage("x".into()),
+                415,
+                Code::InvalidArgument,
             ),
             (
                 ApiError::QueueFull {

@@ -9,6 +9,7 @@ pub mod drain;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod images;
 pub mod infer;
 pub mod limits;
 pub mod metrics;
@@ -107,6 +108,8 @@ pub struct AppState {
     /// HTTPS / gRPC over TLS when set.
     pub tls: Option<tls::TlsAcceptors>,
     pub batcher: Batcher,
+    /// Image uploads, decoded a bounded number at a time.
+    pub images: images::Decoder,
     pub metrics: Arc<Metrics>,
     /// The shutdown phase (readiness answers 503 from the drain on).
     pub shutdown: Arc<drain::Shutdown>,
@@ -147,6 +150,13 @@ impl AppState {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let per_ip = limits::PerIp::new(config.max_connections_per_ip);
+        let images = images::Decoder::new(
+            config.max_concurrent_decodes,
+            crate::photo::DecodeLimits {
+                max_side: config.max_image_side,
+                max_decoded_bytes: config.max_decoded_image_mib << 20,
+            },
+        );
         Arc::new(Self {
             openapi: http::openapi::document(&info.name, &info.version, config.max_images),
             model: info,
@@ -155,6 +165,7 @@ impl AppState {
             throttle,
             tls,
             batcher,
+            images,
             metrics,
             shutdown,
             connections: Arc::new(drain::Connections::default()),

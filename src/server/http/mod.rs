@@ -12,6 +12,7 @@ pub mod v2;
 use super::error::ApiError;
 use super::infer;
 use super::{AppState, Protocol};
+use crate::classes::IMAGE_PIXELS;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Incoming};
@@ -265,25 +266,60 @@ async fn dispatch(
         Route::OpenApi => Ok(json_response(StatusCode::OK, &state.openapi)),
         Route::Predict => {
             let arriving = state.batcher.arriving()?;
-            let body = read_body(state, req, state.config.max_body_bytes, BodyKind::Json).await?;
-            let parsed = match predict::fast_single_image(&body) {
-                Some(pixels) => predict::PredictRequest {
-                    pixels,
-                    n: 1,
-                    single: true,
-                },
-                None => {
-                    predict::parse_predict(&predict::parse_json(&body)?, state.config.max_images)?
+            let preview = query_flag(&req, "preview")?;
+            let mime = media_type(&req).unwrap_or_default();
+            let (pixels, n, single) = if mime.starts_with("image/") {
+                let body =
+                    read_body(state, req, state.config.max_image_bytes, BodyKind::Image).await?;
+                let seen = state.images.pixels(vec![body]).await?;
+                (unit_pixels(&seen), 1, true)
+            } else if mime == "multipart/form-data" {
+                let boundary = super::images::boundary(&content_type(&req))?;
+                let body =
+                    read_body(state, req, state.config.max_image_bytes, BodyKind::Form).await?;
+                let files =
+                    super::images::form_files(body, &boundary, state.config.max_images).await?;
+                let seen = state.images.pixels(files).await?;
+                (unit_pixels(&seen), seen.len(), false)
+            } else {
+                let body =
+                    read_body(state, req, state.config.max_body_bytes, BodyKind::Json).await?;
+                let parsed = match predict::fast_single_image(&body) {
+                    Some(pixels) => predict::PredictRequest {
+                        pixels,
+                        n: 1,
+                        single: true,
+                        photos: Vec::new(),
+                    },
+                    None => predict::parse_predict(
+                        &predict::parse_json(&body)?,
+                        state.config.max_images,
+                    )?,
+                };
+                if parsed.photos.is_empty() {
+                    (parsed.pixels, parsed.n, parsed.single)
+                } else {
+                    let files = parsed.photos.into_iter().map(Bytes::from).collect();
+                    let seen = state.images.pixels(files).await?;
+                    (unit_pixels(&seen), parsed.n, parsed.single)
                 }
             };
-            let logits = state
-                .batcher
-                .infer(arriving, parsed.pixels, parsed.n)
-                .await?;
+            let shown = preview.then(|| pixels.clone());
+            let logits = state.batcher.infer(arriving, pixels, n).await?;
             let mut preds = logits
                 .chunks_exact(crate::NUM_CLASSES)
-                .map(predict::prediction);
-            let body = if parsed.single {
+                .enumerate()
+                .map(|(i, row)| {
+                    let mut p = predict::prediction(row);
+                    if let (Some(px), Value::Object(map)) = (&shown, &mut p) {
+                        let seen = &px[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS];
+                        let bytes: Vec<u8> =
+                            seen.iter().map(|v| (v * 255.0).round() as u8).collect();
+                        map.insert("input".into(), json!(bytes));
+                    }
+                    p
+                });
+            let body = if single {
                 preds.next().unwrap_or(Value::Null)
             } else {
                 json!({ "predictions": preds.collect::<Vec<_>>() })
@@ -360,6 +396,48 @@ fn media_type(req: &Request<Incoming>) -> Option<String> {
     })
 }
 
+/// The Content-Type header as text ("" when absent).
+fn content_type(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default()
+}
+
+/// A boolean query parameter: absent or `false` is false, `true` (or no value) is true;
+/// anything else is 400.
+fn query_flag(req: &Request<Incoming>, name: &str) -> Result<bool, ApiError> {
+    let Some(query) = req.uri().query() else {
+        return Ok(false);
+    };
+    let mut on = false;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+        if k == name {
+            on = match v {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => {
+                    let shown: String = other.chars().take(20).collect();
+                    return Err(ApiError::BadRequest(format!(
+                        "query parameter {name} is {shown:?}; use true or false"
+                    )));
+                }
+            };
+        }
+    }
+    Ok(on)
+}
+
+/// 0–255 gray pixels of decoded images → the model's 0–1 input.
+fn unit_pixels(images: &[Vec<u8>]) -> Vec<f32> {
+    images
+        .iter()
+        .flatten()
+        .map(|&v| f32::from(v) / 255.0)
+        .collect()
+}
+
 fn is_octet_stream(req: &Request<Incoming>) -> bool {
     media_type(req).as_deref() == Some("application/octet-stream")
 }
@@ -367,8 +445,12 @@ fn is_octet_stream(req: &Request<Incoming>) -> bool {
 /// What a route's body may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BodyKind {
-    /// `/predict`: JSON only.
+    /// `/predict` with JSON (pixels or base64 images).
     Json,
+    /// `/predict` with a raw image body (`image/*`; the content decides the format).
+    Image,
+    /// `/predict` with `multipart/form-data`.
+    Form,
     /// v2 infer: JSON, `application/octet-stream` (the binary extension) or no
     /// Content-Type at all, as tritonclient sends.
     Infer,
@@ -393,6 +475,8 @@ async fn read_body(
         }
         Some("application/octet-stream") => kind == BodyKind::Infer,
         None => kind == BodyKind::Infer,
+        Some(m) if m.starts_with("image/") => kind == BodyKind::Image,
+        Some("multipart/form-data") => kind == BodyKind::Form,
         Some(_) => false,
     };
     if !ok {
@@ -408,7 +492,9 @@ async fn read_body(
             .unwrap_or_else(|| "no Content-Type".into());
         return Err(ApiError::UnsupportedMediaType {
             expected: match kind {
-                BodyKind::Json => "application/json",
+                BodyKind::Json | BodyKind::Image | BodyKind::Form => {
+                    "application/json, image/png, image/jpeg, image/webp, image/gif, image/bmp or multipart/form-data"
+                }
                 BodyKind::Infer => "application/json or application/octet-stream",
             },
             got,

@@ -118,6 +118,68 @@ pub struct PredictRequest {
     pub pixels: Vec<f32>,
     pub n: usize,
     pub single: bool,
+    /// Encoded image files (`image_base64` / `images_base64`), still to be decoded; `pixels`
+    /// is empty then.
+    pub photos: Vec<Vec<u8>>,
+}
+
+/// The bytes of a base64 image field; a `data:image/...;base64,` prefix (what a browser's
+/// FileReader gives) is allowed.
+fn base64_image(v: &Json, at: &str) -> Result<Vec<u8>, ApiError> {
+    use base64::Engine;
+    let Json::Str(text) = v else {
+        return Err(ApiError::Unprocessable(format!(
+            "{at} must be a base64 string, not {v}"
+        )));
+    };
+    let data = match text.split_once(";base64,") {
+        Some((head, rest)) if head.starts_with("data:") => rest,
+        _ => text.as_str(),
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| ApiError::Unprocessable(format!("{at} is not valid base64: {e}")))
+}
+
+/// `{"image_base64": "..."}` or `{"images_base64": ["...", ...]}`.
+fn parse_base64(body: &Json, max_images: usize) -> Result<PredictRequest, ApiError> {
+    let (photos, single) = match (body.get("image_base64"), body.get("images_base64")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::Unprocessable(
+                "give either \"image_base64\" or \"images_base64\", not both".into(),
+            ))
+        }
+        (Some(v), None) => (vec![base64_image(v, "image_base64")?], true),
+        (None, Some(Json::Arr(list))) => {
+            if list.is_empty() {
+                return Err(ApiError::Unprocessable("\"images_base64\" is empty".into()));
+            }
+            if list.len() > max_images {
+                return Err(ApiError::Unprocessable(format!(
+                    "\"images_base64\" has {} images; at most {max_images} per request",
+                    list.len()
+                )));
+            }
+            let photos = list
+                .iter()
+                .enumerate()
+                .map(|(i, v)| base64_image(v, &format!("images_base64[{i}]")))
+                .collect::<Result<Vec<_>, _>>()?;
+            (photos, false)
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::Unprocessable(
+                "\"images_base64\" must be an array of base64 strings".into(),
+            ))
+        }
+        (None, None) => unreachable!("called with one of the keys"),
+    };
+    Ok(PredictRequest {
+        pixels: Vec::new(),
+        n: photos.len(),
+        single,
+        photos,
+    })
 }
 
 /// `{"image": [784]}` or `{"images": [[784], ...]}` (at most `max_images`).
@@ -127,13 +189,22 @@ pub fn parse_predict(body: &Json, max_images: usize) -> Result<PredictRequest, A
             "body must be a JSON object with \"image\" or \"images\"".into(),
         ));
     }
+    const KEYS: [&str; 4] = ["image", "images", "image_base64", "images_base64"];
     if let Json::Obj(entries) = body {
-        if let Some((key, _)) = entries.iter().find(|(k, _)| k != "image" && k != "images") {
+        if let Some((key, _)) = entries.iter().find(|(k, _)| !KEYS.contains(&k.as_str())) {
             let shown: String = key.chars().take(40).collect();
             return Err(ApiError::Unprocessable(format!(
-                "unknown field {shown:?}; the body has \"image\" or \"images\""
+                "unknown field {shown:?}; the body has \"image\", \"images\", \"image_base64\" or \"images_base64\""
             )));
         }
+        if entries.len() > 1 && entries.iter().any(|(k, _)| k.ends_with("_base64")) {
+            return Err(ApiError::Unprocessable(
+                "give one of \"image\", \"images\", \"image_base64\" or \"images_base64\"".into(),
+            ));
+        }
+    }
+    if body.get("image_base64").is_some() || body.get("images_base64").is_some() {
+        return parse_base64(body, max_images);
     }
     match (body.get("image"), body.get("images")) {
         (Some(_), Some(_)) => Err(ApiError::Unprocessable(
@@ -146,6 +217,7 @@ pub fn parse_predict(body: &Json, max_images: usize) -> Result<PredictRequest, A
                 pixels,
                 n: 1,
                 single: true,
+                photos: Vec::new(),
             })
         }
         (None, Some(imgs)) => {
@@ -179,6 +251,7 @@ pub fn parse_predict(body: &Json, max_images: usize) -> Result<PredictRequest, A
                 pixels,
                 n,
                 single: false,
+                photos: Vec::new(),
             })
         }
         (None, None) => Err(ApiError::Unprocessable(
