@@ -61,6 +61,10 @@ def top1_index(strings):
     return np.array([int(text(row[0]).split(":")[1]) for row in strings])
 
 
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot"]
+
+
 def triton(http_addr, grpc_addr, model, user, password, pixels, expected):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
@@ -201,6 +205,28 @@ def triton(http_addr, grpc_addr, model, user, password, pixels, expected):
             assert "UNAUTHENTICATED" in str(e.status()), e.status()
 
     check("tritonclient.grpc NOT_FOUND, INVALID_ARGUMENT, UNAUTHENTICATED", grpc_errors)
+
+    # ---- BYTES inputs: the committed photos as encoded files ----------------------------
+    photos_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "images")
+    names = sorted(os.listdir(photos_dir))
+    files = np.array([open(os.path.join(photos_dir, f), "rb").read() for f in names], dtype=np.object_)
+    # The file name is the class: "ankle-boot.webp" -> "Ankle boot".
+    want = [f.split(".")[0].replace("-", " ").capitalize() for f in names]
+
+    def classes(logits):
+        return [CLASS_NAMES[i] for i in logits.argmax(axis=1)]
+
+    def bytes_inputs():
+        inp = httpclient.InferInput("images", [len(files)], "BYTES")
+        inp.set_data_from_numpy(files)  # binary: 4-byte length + file per element
+        got_http = classes(h.infer(model, [inp]).as_numpy("logits"))
+        ginp = grpcclient.InferInput("images", [len(files)], "BYTES")
+        ginp.set_data_from_numpy(files)
+        got_grpc = classes(g.infer(model, [ginp]).as_numpy("logits"))
+        assert got_http == want and got_grpc == want, (got_http, got_grpc, want)
+        return f"{len(files)} photos: {', '.join(got_http)}"
+
+    check("tritonclient.http and .grpc BYTES inputs (image files)", bytes_inputs)
     from importlib.metadata import version
     print(f"tritonclient {version('tritonclient')}")
 

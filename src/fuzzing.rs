@@ -35,6 +35,13 @@ fn client_error(e: &ApiError, what: &str) {
 
 fn valid_request(r: &InferRequest, what: &str) {
     assert!(r.n >= 1 && r.n <= MAX_IMAGES, "{what}: {} images", r.n);
+    if !r.photos.is_empty() {
+        assert!(
+            r.pixels.is_empty() && r.photos.len() == r.n,
+            "{what}: BYTES"
+        );
+        return;
+    }
     assert_eq!(r.pixels.len(), r.n * crate::classes::IMAGE_PIXELS, "{what}");
     assert!(
         r.pixels.iter().all(|p| (0.0..=1.0).contains(p)),

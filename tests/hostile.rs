@@ -94,8 +94,44 @@ fn chunked(total: usize) -> Vec<u8> {
     r
 }
 
+fn upload(ctype: &str, body: &[u8]) -> Vec<u8> {
+    let headers = [
+        ("Authorization", basic(USER, PASSWORD)),
+        ("Content-Type", ctype.to_string()),
+    ];
+    request_bytes("POST", "/predict", &headers, body)
+}
+
+/// A GIF whose screen and first frame claim 65535 x 65535 pixels (12 KiB of header).
+fn gif_bomb() -> Vec<u8> {
+    let mut g = b"GIF89a\xff\xff\xff\xff\x00\x00\x00".to_vec();
+    g.extend_from_slice(b"\x2c\x00\x00\x00\x00\xff\xff\xff\xff\x00\x02\x02\x4c\x01\x00\x3b");
+    g
+}
+
+fn form_body(field: &str, file: &[u8]) -> Vec<u8> {
+    let mut b = format!(
+        "--hostile-boundary\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"a.png\"\r\n\r\n"
+    )
+    .into_bytes();
+    b.extend_from_slice(file);
+    b.extend_from_slice(b"\r\n--hostile-boundary--\r\n");
+    b
+}
+
 fn cases() -> Vec<Case> {
     let ok_image = format!("[{}]", pixels(784, "0"));
+    let photo = |f: &str| std::fs::read(repo().join("fixtures/images").join(f)).unwrap();
+    let (jpg, png) = (photo("sneaker.jpg"), photo("trouser.png"));
+    let form_type = "multipart/form-data; boundary=hostile-boundary".to_string();
+    // 17 MB announced, only 64 KB sent: refused from Content-Length.
+    let mut huge_image = upload("image/png", &vec![0u8; 17 << 20]);
+    huge_image.truncate(huge_image.len() - ((17 << 20) - (64 << 10)));
+    let bytes_head = "{\"inputs\":[{\"name\":\"i\",\"shape\":[1],\"datatype\":\"BYTES\",\"parameters\":{\"binary_data_size\":8}}]}";
+    let mut bytes_framed = bytes_head.as_bytes().to_vec();
+    bytes_framed.extend_from_slice(&1000u32.to_le_bytes());
+    bytes_framed.extend_from_slice(b"abcd");
+    let bytes_len = bytes_head.len().to_string();
     let mut header_flood = String::from("GET /v2/health/live HTTP/1.1\r\nHost: t\r\n");
     for i in 0..300 {
         header_flood.push_str(&format!("X-Flood-{i}: {i}\r\n"));
@@ -207,6 +243,27 @@ fn cases() -> Vec<Case> {
         c("v2: classification 11", infer(&format!("{{\"inputs\":[{{\"name\":\"pixels\",\"shape\":[1,784],\"datatype\":\"FP32\",\"data\":{unit}}}],\"outputs\":[{{\"name\":\"logits\",\"parameters\":{{\"classification\":11}}}}]}}")), 422, Some("within 1–10")),
         c("v2: id not a string", infer(&format!("{{\"id\":5,\"inputs\":[{{\"name\":\"pixels\",\"shape\":[1,784],\"datatype\":\"FP32\",\"data\":{unit}}}]}}")), 422, Some("must be a string")),
         c("v2: unknown version", binary("/v2/models/fmnist-cnn/versions/9/infer", Some(&ok_len), None, &ok_framed), 404, Some("unknown version '9'")),
+        c("image: truncated JPEG", upload("image/jpeg", &jpg[..jpg.len() / 2]), 422, Some("JPEG file is truncated")),
+        c("image: truncated PNG", upload("image/png", &png[..png.len() / 2]), 422, Some("PNG file is corrupt or truncated")),
+        c("image: GIF claiming 65535x65535 (bomb)", upload("image/gif", &gif_bomb()), 413, Some("GIF image is too large")),
+        c("image: TIFF", upload("image/tiff", b"II*\0\x08\0\0\0rest"), 415, Some("Tiff")),
+        c("image: text labelled image/png", upload("image/png", b"hello there"), 415, Some("accepted formats are PNG, JPEG, WebP, GIF and BMP")),
+        c("image: empty body", upload("image/png", b""), 415, Some("the file is empty")),
+        c("image: body over --max-image-bytes", huge_image, 413, Some("larger than the limit of 16777216")),
+        c("image: bad preview flag", post("/predict?preview=yes", Some("image/png"), "x"), 400, Some("query parameter preview")),
+        c("form: no boundary", upload("multipart/form-data", b"--x\r\n"), 400, Some("boundary")),
+        c("form: wrong field name", upload(&form_type, &form_body("photo", &png)), 422, Some("unknown form field \"photo\"")),
+        c("form: garbage", upload(&form_type, b"not a form"), 400, Some("malformed multipart")),
+        c("form: no file part", upload(&form_type, b"--hostile-boundary--\r\n"), 422, Some("no \"file\" part")),
+        c("form: a file that is not an image", upload(&form_type, &form_body("file", b"GIF89a junk")), 422, Some("GIF file is corrupt")),
+        c("base64: not base64", predict("{\"image_base64\": \"%%%\"}"), 422, Some("not valid base64")),
+        c("base64: a number", predict("{\"image_base64\": 5}"), 422, Some("must be a base64 string")),
+        c("base64: empty list", predict("{\"images_base64\": []}"), 422, Some("is empty")),
+        c("base64: beside pixels", predict(&format!("{{\"image\": {ok_image}, \"image_base64\": \"AA==\"}}")), 422, Some("give one of")),
+        c("v2 BYTES: shape [1,784]", infer("{\"inputs\":[{\"name\":\"i\",\"shape\":[1,784],\"datatype\":\"BYTES\",\"data\":[\"AA==\"]}]}"), 422, Some("[N] or [N,1]")),
+        c("v2 BYTES: element not a string", infer("{\"inputs\":[{\"name\":\"i\",\"shape\":[1],\"datatype\":\"BYTES\",\"data\":[5]}]}"), 422, Some("base64 strings of image files")),
+        c("v2 BYTES: element not an image", infer("{\"inputs\":[{\"name\":\"i\",\"shape\":[1],\"datatype\":\"BYTES\",\"data\":[\"aGVsbG8=\"]}]}"), 415, Some("not an image")),
+        c("v2 BYTES: binary length past the end", binary(v2, Some(&bytes_len), None, &bytes_framed), 400, Some("declares 1000 bytes")),
         c("header flood (300 headers)", header_flood.into_bytes(), 431, None),
         c("garbage request line", b"GARBAGE\r\n\r\n".to_vec(), 400, None),
         c("non-numeric Content-Length", b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n".to_vec(), 400, None),

@@ -243,3 +243,144 @@ fn image_bodies_have_their_own_size_limit() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// The sample photos under fixtures/images/ (named by their class) through
+/// `fmnist-train predict` and the server, which must agree with each other and the name.
+#[test]
+fn committed_photos_get_their_class_from_the_cli_and_the_server() {
+    let dir = repo().join("fixtures/images");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3);
+    let expected = |p: &std::path::Path| {
+        let stem = p.file_stem().unwrap().to_string_lossy().replace('-', " ");
+        let mut c = stem.chars();
+        c.next()
+            .unwrap()
+            .to_uppercase()
+            .chain(c)
+            .collect::<String>()
+    };
+    let out = std::process::Command::new(train_binary())
+        .arg("predict")
+        .arg("--json")
+        .arg("--model")
+        .arg(shipped_model())
+        .args(&files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), files.len());
+    let server = Server::start(&[]);
+    for (f, line) in files.iter().zip(&lines) {
+        assert_eq!(line["class"], expected(f), "{}", f.display());
+        // Labelled image/jpeg whatever the format: the content decides.
+        let r = post_file(
+            &server,
+            "/predict",
+            "image/jpeg",
+            &std::fs::read(f).unwrap(),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["class"], line["class"], "{}", f.display());
+    }
+    // A file that is not an image is named, the others still classified, exit status 1.
+    let out = std::process::Command::new(train_binary())
+        .args(["predict", "--model"])
+        .arg(shipped_model())
+        .arg(repo().join("README.md"))
+        .arg(&files[0])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("README.md") && err.contains("not an image"),
+        "{err}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
+
+/// The v2 infer route takes a BYTES input of encoded images: base64 strings in JSON, and
+/// length-prefixed elements in the binary extension; both give /predict's classes.
+#[test]
+fn v2_bytes_inputs_carry_image_files() {
+    use base64::Engine;
+    let server = Server::start(&[]);
+    let files: Vec<Vec<u8>> = ["sneaker.jpg", "trouser.png"]
+        .iter()
+        .map(|f| std::fs::read(repo().join("fixtures/images").join(f)).unwrap())
+        .collect();
+    let want: Vec<u64> = files
+        .iter()
+        .map(|f| label_of(&post_file(&server, "/predict", "image/png", f).json()))
+        .collect();
+    let argmax = |row: &[serde_json::Value]| {
+        (0..10)
+            .max_by(|&a, &b| row[a].as_f64().partial_cmp(&row[b].as_f64()).unwrap())
+            .unwrap() as u64
+    };
+    let path = "/v2/models/fmnist-cnn/infer";
+    let b64: Vec<String> = files
+        .iter()
+        .map(|f| base64::engine::general_purpose::STANDARD.encode(f))
+        .collect();
+    let body = serde_json::json!({
+        "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES", "data": b64}],
+        "outputs": [{"name": "logits"}]
+    });
+    let r = post(&server, path, &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let data = r.json()["outputs"][0]["data"].as_array().unwrap().clone();
+    assert_eq!(vec![argmax(&data[..10]), argmax(&data[10..])], want);
+
+    // Binary extension: each element a 4-byte little-endian length, then the file.
+    let mut section = Vec::new();
+    for f in &files {
+        section.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        section.extend_from_slice(f);
+    }
+    let head = serde_json::json!({
+        "inputs": [{"name": "images", "shape": [2, 1], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": section.len()}}],
+        "outputs": [{"name": "logits"}]
+    });
+    let (body, n) = binary_body(&head, &section);
+    let r = post_binary(&server.addr, path, &body, Some(n));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let data = r.json()["outputs"][0]["data"].as_array().unwrap().clone();
+    assert_eq!(vec![argmax(&data[..10]), argmax(&data[10..])], want);
+
+    // Framing and decoding errors keep their statuses.
+    let mut short = section.clone();
+    short.truncate(section.len() - 10);
+    let head = serde_json::json!({
+        "inputs": [{"name": "images", "shape": [2], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": short.len()}}]
+    });
+    let (body, n) = binary_body(&head, &short);
+    let r = post_binary(&server.addr, path, &body, Some(n));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("element 1"), "{}", r.body);
+    let body = serde_json::json!({
+        "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [b64[0][..100].to_string()]}]
+    });
+    let r = post(&server, path, &body);
+    assert_eq!(r.status, 422, "{}", r.body);
+    let body = serde_json::json!({
+        "inputs": [{"name": "images", "shape": [1, 784], "datatype": "BYTES", "data": [b64[0]]}]
+    });
+    assert_eq!(post(&server, path, &body).status, 422);
+}

@@ -3,6 +3,7 @@
 //! `fmnist-train predict`.
 
 use super::error::ApiError;
+use super::infer::InferRequest;
 use crate::photo::{photo_pixels, DecodeLimits};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -45,6 +46,30 @@ impl Decoder {
         }
         Ok(out)
     }
+}
+
+impl Decoder {
+    /// The 0–1 pixels of a decoded v2 request, taken out of it: its FP32 values, or its
+    /// `BYTES` image files decoded.
+    pub async fn request_pixels(&self, req: &mut InferRequest) -> Result<Vec<f32>, ApiError> {
+        if req.photos.is_empty() {
+            return Ok(std::mem::take(&mut req.pixels));
+        }
+        let files = std::mem::take(&mut req.photos)
+            .into_iter()
+            .map(Bytes::from)
+            .collect();
+        Ok(unit_pixels(&self.pixels(files).await?))
+    }
+}
+
+/// 0–255 gray pixels of decoded images → the model's 0–1 input.
+pub fn unit_pixels(images: &[Vec<u8>]) -> Vec<f32> {
+    images
+        .iter()
+        .flatten()
+        .map(|&v| f32::from(v) / 255.0)
+        .collect()
 }
 
 /// Prefixes "image i: " to the message when a request carries several images.

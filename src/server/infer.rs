@@ -82,8 +82,10 @@ impl RequestedOutput {
 pub struct InferRequest {
     /// The client's request id, echoed in the response.
     pub id: Option<String>,
-    /// `n * 784` gray pixels within 0–1.
+    /// `n * 784` gray pixels within 0–1 (empty while `photos` waits to be decoded).
     pub pixels: Vec<f32>,
+    /// A `BYTES` input: the `n` encoded image files, still to be decoded.
+    pub photos: Vec<Vec<u8>>,
     pub n: usize,
     /// The outputs asked for, in order; empty means every output.
     pub outputs: Vec<RequestedOutput>,
@@ -102,7 +104,9 @@ pub fn check_input(
     let bad = |m: String| Err(ApiError::Unprocessable(m));
     if datatype != "FP32" {
         let shown: String = datatype.chars().take(20).collect();
-        return bad(format!("{at}.datatype is {shown:?}; expected \"FP32\""));
+        return bad(format!(
+            "{at}.datatype is {shown:?}; expected \"FP32\" (pixels) or \"BYTES\" (image files)"
+        ));
     }
     if shape.iter().any(|&d| d < 0) {
         return bad(format!(
@@ -122,6 +126,55 @@ pub fn check_input(
         return bad(format!("batch size {n} must be within 1–{max_images}"));
     }
     Ok(n as usize)
+}
+
+/// A BYTES input's shape: `[N]` or `[N,1]`, one encoded image per element.
+pub fn bytes_shape(at: &str, shape: &[i64], max_images: usize) -> Result<usize, ApiError> {
+    let n = match shape {
+        [n] | [n, 1] if *n >= 0 => *n as u64,
+        _ => {
+            let shown: Vec<i64> = shape.iter().take(8).copied().collect();
+            return Err(ApiError::Unprocessable(format!(
+                "{at}.shape is {shown:?}; a BYTES input of encoded images is [N] or [N,1]"
+            )));
+        }
+    };
+    if n == 0 || n > max_images as u64 {
+        return Err(ApiError::Unprocessable(format!(
+            "batch size {n} must be within 1–{max_images}"
+        )));
+    }
+    Ok(n as usize)
+}
+
+/// The binary form of BYTES elements: each a 4-byte little-endian length, then the bytes.
+pub fn bytes_elements(section: &[u8], n: usize) -> Result<Vec<Vec<u8>>, ApiError> {
+    let framing = |m: String| ApiError::BadRequest(m);
+    let mut rest = section;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            return Err(framing(format!(
+                "inputs[0] BYTES element {i}: the data ends before its 4-byte length"
+            )));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(framing(format!(
+                "inputs[0] BYTES element {i} declares {len} bytes, but only {} follow",
+                tail.len()
+            )));
+        }
+        out.push(tail[..len].to_vec());
+        rest = &tail[len..];
+    }
+    if !rest.is_empty() {
+        return Err(framing(format!(
+            "inputs[0] has {} bytes after its {n} BYTES elements",
+            rest.len()
+        )));
+    }
+    Ok(out)
 }
 
 /// Checks that every value is a pixel within 0–1 (NaN is not).
@@ -316,6 +369,7 @@ mod tests {
         let mut req = InferRequest {
             id: None,
             pixels: vec![],
+            photos: vec![],
             n: 2,
             outputs: vec![],
             binary_output: true,

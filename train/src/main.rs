@@ -49,6 +49,8 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate an ONNX model or a safetensors checkpoint on a labelled data file.
     Eval(EvalArgs),
+    /// Classify image files (photos, drawings): the class and all ten probabilities per file.
+    Predict(PredictArgs),
     /// Write an IDX images/labels pair as a Kaggle-layout CSV file.
     Convert(ConvertArgs),
     /// Measure VGG16 feature extraction (images/s per input size) and head-training time.
@@ -227,6 +229,31 @@ struct EvalArgs {
     /// reference the executor is tested against).
     #[arg(long, value_enum, default_value_t = fmnist::server::config::EngineChoice::Auto)]
     engine: fmnist::server::config::EngineChoice,
+}
+
+#[derive(Args)]
+#[command(long_about = "Classify image files with an ONNX model.\n\n\
+    Each file (PNG, JPEG, WebP, GIF or BMP, recognised by its content) goes through the same \
+    conversion the server applies to uploads: EXIF orientation, gray with transparency on \
+    white, inverted when the background is light, trimmed, resized to 28 px on its longest \
+    edge, sharpened and centred (see the fmnist::photo documentation). Prints one line per \
+    file: the class, its probability and all ten probabilities; --json prints one JSON object \
+    per line instead. A file that cannot be read or decoded is reported by name and the others \
+    are still classified; the exit status is 1 if any failed.\n\n\
+    Example:\n  fmnist-train predict --model weights/fmnist-cnn.onnx shoe.jpg shirt.png")]
+struct PredictArgs {
+    /// The ONNX model.
+    #[arg(long, default_value = "weights/fmnist-cnn.onnx")]
+    model: PathBuf,
+    /// One JSON object per file (file, label, class, probabilities) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Also write the 28x28 picture the model saw beside each input, as FILE.seen.png.
+    #[arg(long)]
+    save_seen: bool,
+    /// Image files.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -544,6 +571,82 @@ fn stopped_exits(e: anyhow::Error) -> anyhow::Error {
     e
 }
 
+fn cmd_predict(a: PredictArgs) -> Result<()> {
+    use fmnist::photo::{photo_pixels, DEFAULT_LIMITS};
+    let model = OnnxModel::load(&a.model)?;
+    let mut failed = 0;
+    for file in &a.files {
+        let pixels = std::fs::read(file)
+            .with_context(|| format!("cannot read {}", file.display()))
+            .and_then(|bytes| {
+                photo_pixels(&bytes, DEFAULT_LIMITS)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+            });
+        let pixels = match pixels {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                failed += 1;
+                continue;
+            }
+        };
+        if a.save_seen {
+            let seen = file.with_extension(format!(
+                "{}.seen.png",
+                file.extension()
+                    .map(|e| e.to_string_lossy())
+                    .unwrap_or_default()
+            ));
+            image::GrayImage::from_raw(28, 28, pixels.clone())
+                .context("28x28 picture")?
+                .save(&seen)
+                .with_context(|| format!("cannot write {}", seen.display()))?;
+        }
+        let logits = model
+            .logits_for_pixels(&[&pixels])?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let probs = fmnist::onnx::model::softmax_rows(&logits, fmnist::NUM_CLASSES);
+        let label = argmax(&probs);
+        if a.json {
+            let by_class: serde_json::Map<String, serde_json::Value> = fmnist::CLASS_NAMES
+                .iter()
+                .zip(&probs)
+                .map(|(c, p)| (c.to_string(), serde_json::json!(p)))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "file": file.display().to_string(),
+                    "label": label,
+                    "class": fmnist::CLASS_NAMES[label],
+                    "probabilities": by_class,
+                })
+            );
+        } else {
+            let all: Vec<String> = fmnist::CLASS_NAMES
+                .iter()
+                .zip(&probs)
+                .map(|(c, p)| format!("{c} {p:.3}"))
+                .collect();
+            println!(
+                "{}: {} ({:.1} %)  [{}]",
+                file.display(),
+                fmnist::CLASS_NAMES[label],
+                probs[label] * 100.0,
+                all.join(", ")
+            );
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} files could not be classified",
+            a.files.len()
+        );
+    }
+    Ok(())
+}
+
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let d = load_data(&a.data, None)?;
     let ext = a
@@ -736,6 +839,7 @@ fn run() -> Result<()> {
         Command::Train(a) => cmd_train(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Convert(a) => cmd_convert(a),
+        Command::Predict(a) => cmd_predict(a),
         Command::BenchVgg(a) => cmd_bench_vgg(a),
         Command::BenchKernels(a) => {
             let d = load_data(&a.data, None)?;

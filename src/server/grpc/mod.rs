@@ -9,8 +9,8 @@
 
 use super::error::ApiError;
 use super::infer::{
-    check_input, check_pixels, pixels_from_le_bytes, InferRequest, OutputName, OutputTensor,
-    RequestedOutput,
+    bytes_elements, bytes_shape, check_input, check_pixels, pixels_from_le_bytes, InferRequest,
+    OutputName, OutputTensor, RequestedOutput,
 };
 use super::{AppState, ModelInfo, Protocol, EXTENSIONS};
 use std::future::Future;
@@ -251,14 +251,48 @@ pub fn decode_infer(
         )));
     }
     let input = &inputs[0];
-    let n = check_input("inputs[0]", &input.datatype, &input.shape, max_images)?;
     let contents = input.contents.as_ref();
+    let both = || {
+        ApiError::BadRequest(
+            "inputs[0] has both contents and raw_input_contents[0]; give one".into(),
+        )
+    };
+    let has_contents = contents.is_some_and(|c| *c != pb::InferTensorContents::default());
+    if input.datatype == "BYTES" {
+        // Encoded image files: raw_input_contents in Triton's serialized form (4-byte
+        // lengths), or one bytes_contents element per image.
+        let n = bytes_shape("inputs[0]", &input.shape, max_images)?;
+        let photos = match raw_input_contents.pop() {
+            Some(_) if has_contents => return Err(both()),
+            Some(raw) => bytes_elements(&raw, n)?,
+            None => {
+                let b = contents
+                    .map(|c| c.bytes_contents.clone())
+                    .unwrap_or_default();
+                if b.len() != n {
+                    return Err(ApiError::Unprocessable(format!(
+                        "inputs[0].contents.bytes_contents has {} elements; shape {:?} needs {n}",
+                        b.len(),
+                        input.shape
+                    )));
+                }
+                b
+            }
+        };
+        return Ok(InferRequest {
+            id: (!id.is_empty()).then_some(id),
+            pixels: Vec::new(),
+            photos,
+            n,
+            outputs: requested_outputs(&outputs)?,
+            binary_output: false,
+        });
+    }
+    let n = check_input("inputs[0]", &input.datatype, &input.shape, max_images)?;
     let pixels = match raw_input_contents.pop() {
         Some(raw) => {
-            if contents.is_some_and(|c| *c != pb::InferTensorContents::default()) {
-                return Err(ApiError::BadRequest(
-                    "inputs[0] has both contents and raw_input_contents[0]; give one".into(),
-                ));
+            if has_contents {
+                return Err(both());
             }
             pixels_from_le_bytes("inputs[0]", "raw_input_contents[0]", &raw, n)?
         }
@@ -276,7 +310,20 @@ pub fn decode_infer(
             values.to_vec()
         }
     };
-    let outputs = outputs
+    Ok(InferRequest {
+        id: (!id.is_empty()).then_some(id),
+        pixels,
+        photos: Vec::new(),
+        n,
+        outputs: requested_outputs(&outputs)?,
+        binary_output: false,
+    })
+}
+
+fn requested_outputs(
+    outputs: &[pb::model_infer_request::InferRequestedOutputTensor],
+) -> Result<Vec<RequestedOutput>, ApiError> {
+    outputs
         .iter()
         .enumerate()
         .map(|(i, o)| {
@@ -288,14 +335,7 @@ pub fn decode_infer(
                 .transpose()?;
             RequestedOutput::new(OutputName::parse(&o.name)?, classification, None, &at)
         })
-        .collect::<Result<_, _>>()?;
-    Ok(InferRequest {
-        id: (!id.is_empty()).then_some(id),
-        pixels,
-        n,
-        outputs,
-        binary_output: false,
-    })
+        .collect()
 }
 
 /// The response: every output in `raw_output_contents`, in order.
@@ -419,7 +459,7 @@ impl GrpcInferenceService for Service {
                 None => state.batcher.arriving()?,
             };
             let mut req = decode_infer(msg, state.config.max_images)?;
-            let pixels = std::mem::take(&mut req.pixels);
+            let pixels = state.images.request_pixels(&mut req).await?;
             let logits = state.batcher.infer(arriving, pixels, req.n).await?;
             let tensors = super::infer::outputs(&req, &logits);
             Ok(encode_infer(&state.model, &req, &tensors))
@@ -510,7 +550,7 @@ mod tests {
         cases.push(("huge batch", m, "batch size"));
         let mut m = base();
         m.inputs[0].datatype = "BYTES".into();
-        cases.push(("BYTES input", m, "FP32"));
+        cases.push(("BYTES input of shape [1,784]", m, "[N] or [N,1]"));
         let mut m = base();
         m.inputs[0].contents = Some(pb::InferTensorContents {
             fp32_contents: img.clone(),
@@ -548,5 +588,58 @@ mod tests {
             assert_eq!(e.grpc_code(), tonic::Code::InvalidArgument, "{what}: {e}");
             assert!(e.to_string().contains(needle), "{what}: {e}");
         }
+    }
+
+    /// BYTES inputs carry encoded image files: one bytes_contents element per image, or
+    /// raw_input_contents in Triton's serialized form (a 4-byte length before each).
+    #[test]
+    fn bytes_inputs_are_image_files() {
+        let input = |shape: Vec<i64>, contents: Option<pb::InferTensorContents>| {
+            pb::model_infer_request::InferInputTensor {
+                name: "images".into(),
+                datatype: "BYTES".into(),
+                shape,
+                contents,
+                ..Default::default()
+            }
+        };
+        let typed = pb::ModelInferRequest {
+            inputs: vec![input(
+                vec![2],
+                Some(pb::InferTensorContents {
+                    bytes_contents: vec![b"one".to_vec(), b"three".to_vec()],
+                    ..Default::default()
+                }),
+            )],
+            ..Default::default()
+        };
+        let r = decode_infer(typed, 8).unwrap();
+        assert_eq!((r.n, r.photos.len(), r.pixels.len()), (2, 2, 0));
+        let mut raw = Vec::new();
+        for f in [&b"one"[..], b"three"] {
+            raw.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            raw.extend_from_slice(f);
+        }
+        let serialized = pb::ModelInferRequest {
+            inputs: vec![input(vec![2, 1], None)],
+            raw_input_contents: vec![raw.clone()],
+            ..Default::default()
+        };
+        assert_eq!(decode_infer(serialized, 8).unwrap().photos, r.photos);
+        let short = pb::ModelInferRequest {
+            inputs: vec![input(vec![2], None)],
+            raw_input_contents: vec![raw[..raw.len() - 1].to_vec()],
+            ..Default::default()
+        };
+        let e = decode_infer(short, 8).unwrap_err();
+        assert_eq!(e.grpc_code(), tonic::Code::InvalidArgument, "{e}");
+        let wrong = pb::ModelInferRequest {
+            inputs: vec![input(vec![3], None)],
+            ..Default::default()
+        };
+        assert!(decode_infer(wrong, 8)
+            .unwrap_err()
+            .to_string()
+            .contains("needs 3"));
     }
 }

@@ -272,7 +272,7 @@ async fn dispatch(
                 let body =
                     read_body(state, req, state.config.max_image_bytes, BodyKind::Image).await?;
                 let seen = state.images.pixels(vec![body]).await?;
-                (unit_pixels(&seen), 1, true)
+                (super::images::unit_pixels(&seen), 1, true)
             } else if mime == "multipart/form-data" {
                 let boundary = super::images::boundary(&content_type(&req))?;
                 let body =
@@ -280,7 +280,7 @@ async fn dispatch(
                 let files =
                     super::images::form_files(body, &boundary, state.config.max_images).await?;
                 let seen = state.images.pixels(files).await?;
-                (unit_pixels(&seen), seen.len(), false)
+                (super::images::unit_pixels(&seen), seen.len(), false)
             } else {
                 let body =
                     read_body(state, req, state.config.max_body_bytes, BodyKind::Json).await?;
@@ -301,7 +301,7 @@ async fn dispatch(
                 } else {
                     let files = parsed.photos.into_iter().map(Bytes::from).collect();
                     let seen = state.images.pixels(files).await?;
-                    (unit_pixels(&seen), parsed.n, parsed.single)
+                    (super::images::unit_pixels(&seen), parsed.n, parsed.single)
                 }
             };
             let shown = preview.then(|| pixels.clone());
@@ -345,7 +345,7 @@ async fn dispatch(
             let mut parsed = v2::decode(&body, header_len, state.config.max_images)?;
             drop(body);
             // The pixels go to the batcher; the response needs only the rest.
-            let pixels = std::mem::take(&mut parsed.pixels);
+            let pixels = state.images.request_pixels(&mut parsed).await?;
             let logits = state.batcher.infer(arriving, pixels, parsed.n).await?;
             let tensors = infer::outputs(&parsed, &logits);
             let encoded = v2::encode(&state.model, parsed.id.as_deref(), &tensors);
@@ -427,15 +427,6 @@ fn query_flag(req: &Request<Incoming>, name: &str) -> Result<bool, ApiError> {
         }
     }
     Ok(on)
-}
-
-/// 0–255 gray pixels of decoded images → the model's 0–1 input.
-fn unit_pixels(images: &[Vec<u8>]) -> Vec<f32> {
-    images
-        .iter()
-        .flatten()
-        .map(|&v| f32::from(v) / 255.0)
-        .collect()
 }
 
 fn is_octet_stream(req: &Request<Incoming>) -> bool {

@@ -85,15 +85,33 @@ pub fn document(model_name: &str, version: &str, max_images: usize) -> Value {
         }
     };
     let mut predict = json!({
-        "summary": "Classify one image or a batch of images.",
+        "summary": "Classify one image or a batch of images: 784 pixels, or image files (PNG, JPEG, WebP, GIF, BMP) as the raw body, multipart `file` parts or base64.",
         "security": secured,
-        "requestBody": { "required": true, "content": { "application/json": { "schema": {
+        "parameters": [{ "name": "preview", "in": "query", "required": false,
+            "description": "Add `input`, the 784 pixels (0–255) the model saw, to each prediction.",
+            "schema": { "type": "boolean" } }],
+        "requestBody": { "required": true, "content": {
+            "application/json": { "schema": {
             "oneOf": [
                 { "type": "object", "required": ["image"], "additionalProperties": false,
                   "properties": { "image": image } },
                 { "type": "object", "required": ["images"], "additionalProperties": false,
-                  "properties": { "images": { "type": "array", "minItems": 1, "maxItems": max_images, "items": image } } }
-            ] } } } },
+                  "properties": { "images": { "type": "array", "minItems": 1, "maxItems": max_images, "items": image } } },
+                { "type": "object", "required": ["image_base64"], "additionalProperties": false,
+                  "properties": { "image_base64": { "type": "string", "format": "byte" } } },
+                { "type": "object", "required": ["images_base64"], "additionalProperties": false,
+                  "properties": { "images_base64": { "type": "array", "minItems": 1, "maxItems": max_images,
+                    "items": { "type": "string", "format": "byte" } } } }
+            ] } },
+            "image/png": { "schema": { "type": "string", "format": "binary" } },
+            "image/jpeg": { "schema": { "type": "string", "format": "binary" } },
+            "image/webp": { "schema": { "type": "string", "format": "binary" } },
+            "image/gif": { "schema": { "type": "string", "format": "binary" } },
+            "image/bmp": { "schema": { "type": "string", "format": "binary" } },
+            "multipart/form-data": { "schema": { "type": "object", "required": ["file"],
+                "properties": { "file": { "type": "array", "minItems": 1, "maxItems": max_images,
+                    "items": { "type": "string", "format": "binary" } } } } }
+        } },
         "responses": { "200": json_response("Prediction(s).", json!({ "oneOf": [
             { "$ref": "#/components/schemas/Prediction" },
             { "type": "object", "required": ["predictions"],
@@ -221,7 +239,9 @@ pub fn document(model_name: &str, version: &str, max_images: usize) -> Value {
                         "label": { "type": "integer", "minimum": 0, "maximum": 9 },
                         "class": { "type": "string" },
                         "confidence": { "type": "number" },
-                        "probabilities": { "type": "object", "additionalProperties": { "type": "number" } } } }
+                        "probabilities": { "type": "object", "additionalProperties": { "type": "number" } },
+                        "input": { "type": "array", "minItems": 784, "maxItems": 784,
+                            "items": { "type": "integer", "minimum": 0, "maximum": 255 } } } }
             }
         }
     })

@@ -167,6 +167,9 @@ fn parse_base64(body: &Json, max_images: usize) -> Result<PredictRequest, ApiErr
                 .collect::<Result<Vec<_>, _>>()?;
             (photos, false)
         }
+        (None, Some(Json::Nums(n))) if n.is_empty() => {
+            return Err(ApiError::Unprocessable("\"images_base64\" is empty".into()))
+        }
         (None, Some(_)) => {
             return Err(ApiError::Unprocessable(
                 "\"images_base64\" must be an array of base64 strings".into(),

@@ -11,8 +11,8 @@ use super::predict::parse_json;
 use crate::classes::IMAGE_PIXELS;
 use crate::server::error::ApiError;
 use crate::server::infer::{
-    check_input, check_pixels, pixels_from_le_bytes, InferRequest, OutputName, OutputTensor,
-    RequestedOutput, TensorData,
+    bytes_elements, bytes_shape, check_input, check_pixels, pixels_from_le_bytes, InferRequest,
+    OutputName, OutputTensor, RequestedOutput, TensorData,
 };
 use crate::server::{ModelInfo, EXTENSIONS};
 use serde_json::{json, Value};
@@ -49,6 +49,7 @@ pub fn decode(
         Some(0) => Ok(InferRequest {
             id: None,
             pixels: pixels_from_le_bytes("the raw binary request's input", "the body", body, 1)?,
+            photos: Vec::new(),
             n: 1,
             outputs: Vec::new(),
             binary_output: true,
@@ -148,7 +149,13 @@ pub fn parse_infer(
             ))
         }
     };
-    let n = check_input("inputs[0]", datatype, &shape, max_images)?;
+    // BYTES: encoded image files (PNG, JPEG, ...), one element per image.
+    let is_bytes = datatype == "BYTES";
+    let n = if is_bytes {
+        bytes_shape("inputs[0]", &shape, max_images)?
+    } else {
+        check_input("inputs[0]", datatype, &shape, max_images)?
+    };
     let params = input.get("parameters");
     let binary_size = match params.and_then(|p| p.get("binary_data_size")) {
         None => None,
@@ -159,6 +166,7 @@ pub fn parse_infer(
         })?),
     };
     let mut used = 0usize;
+    let mut photos = Vec::new();
     let pixels = match binary_size {
         Some(size) => {
             let section = binary.ok_or_else(|| {
@@ -181,12 +189,24 @@ pub fn parse_infer(
                 )));
             }
             used = size as usize;
-            pixels_from_le_bytes(
-                "inputs[0]",
-                "inputs[0].parameters.binary_data_size",
-                &section[..used],
-                n,
-            )?
+            if is_bytes {
+                photos = bytes_elements(&section[..used], n)?;
+                Vec::new()
+            } else {
+                pixels_from_le_bytes(
+                    "inputs[0]",
+                    "inputs[0].parameters.binary_data_size",
+                    &section[..used],
+                    n,
+                )?
+            }
+        }
+        None if is_bytes => {
+            let data = input
+                .get("data")
+                .ok_or_else(|| bad("inputs[0].data is missing".into()))?;
+            photos = base64_elements(data, n)?;
+            Vec::new()
         }
         None => {
             let data = input
@@ -245,10 +265,47 @@ pub fn parse_infer(
     Ok(InferRequest {
         id,
         pixels,
+        photos,
         n,
         outputs,
         binary_output: binary_output.unwrap_or(false),
     })
+}
+
+/// The JSON form of BYTES elements: base64 strings (nested one deep for `[N,1]`).
+fn base64_elements(data: &Json, n: usize) -> Result<Vec<Vec<u8>>, ApiError> {
+    use base64::Engine;
+    let bad = |m: String| ApiError::Unprocessable(m);
+    let mut strings = Vec::new();
+    match data {
+        Json::Arr(items) => {
+            for item in items {
+                match item {
+                    Json::Arr(inner) => strings.extend(inner.iter()),
+                    other => strings.push(other),
+                }
+            }
+        }
+        other => strings.push(other),
+    }
+    if strings.len() != n {
+        return Err(bad(format!(
+            "inputs[0].data has {} elements; its shape needs {n}",
+            strings.len()
+        )));
+    }
+    strings
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Json::Str(s) => base64::engine::general_purpose::STANDARD
+                .decode(s.trim())
+                .map_err(|e| bad(format!("inputs[0].data[{i}] is not valid base64: {e}"))),
+            other => Err(bad(format!(
+                "inputs[0].data[{i}] is {other}; BYTES elements are base64 strings of image files"
+            ))),
+        })
+        .collect()
 }
 
 /// An encoded infer response: the body, and the JSON header's length when it carries a
