@@ -461,8 +461,14 @@ fn main() -> Result<()> {
         let rps = n as f64 / sum.seconds;
         let lo = sum.rounds_rps.iter().cloned().fold(f64::INFINITY, f64::min);
         let hi = sum.rounds_rps.iter().cloned().fold(0.0, f64::max);
+        // Without --server-pid there is no server CPU to report: "-", not NaN.
+        let per_req = if sum.cpu.is_finite() {
+            format!("{:.0}", sum.cpu * 1e6 / n.max(1) as f64)
+        } else {
+            "-".to_string()
+        };
         println!(
-            "{:<8} {:>5} {:>10.0} {:>9.3} {:>9.3} {:>7} {:>14.0} {:>16}",
+            "{:<8} {:>5} {:>10.0} {:>9.3} {:>9.3} {:>7} {:>14} {:>16}",
             match encoding {
                 Encoding::Json => "json",
                 Encoding::Binary => "binary",
@@ -474,7 +480,7 @@ fn main() -> Result<()> {
             percentile(&sum.latencies, 0.5),
             percentile(&sum.latencies, 0.99),
             sum.errors,
-            sum.cpu * 1e6 / n.max(1) as f64,
+            per_req,
             format!("{lo:.0}–{hi:.0}")
         );
         if let Some(e) = sum.first_error {
