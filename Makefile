@@ -39,7 +39,7 @@ help:
 	@echo "make schemathesis API conformance: schemathesis against /openapi.json of a live server"
 	@echo "make fuzz         property-based fuzzing of request decoding and preprocessing"
 	@echo "make fuzz-long    cargo fuzz (libFuzzer, nightly): every target for FUZZ_LONG_SECONDS (600) each"
-	@echo "make fuzz-ci      the same, FUZZ_SECONDS (40) each; make fuzz-cmin folds new finds into fuzz/corpus"
+	@echo "make fuzz-ci      the same, FUZZ_SECONDS (35) each; make fuzz-cmin folds new finds into fuzz/corpus"
 	@echo "make lint         cargo fmt --check and clippy -D warnings"
 
 # Installs (as root) or names (otherwise) a Debian package when the command/file is missing.
@@ -124,10 +124,10 @@ fuzz:
 	PROPTEST_CASES=$(PROPTEST_CASES) $(CARGO) test --release -p fmnist --lib fuzz
 
 # Coverage-guided fuzzing (fuzz/, cargo fuzz + libFuzzer, nightly): every target for
-# FUZZ_SECONDS each. fuzz-ci is CI's bounded run (7 targets x 40 s, after a ~7-minute
+# FUZZ_SECONDS each. fuzz-ci is CI's bounded run (8 targets x 35 s, after a ~8-minute
 # instrumented build); fuzz-long is the long run whose figures RELIABILITY.md records;
 # fuzz-cmin folds what the runs found into the committed corpus, minimised.
-FUZZ_SECONDS ?= 40
+FUZZ_SECONDS ?= 35
 FUZZ_LONG_SECONDS ?= 600
 fuzz-tools:
 	@rustup toolchain list | grep -q '^nightly' || { echo "cargo fuzz needs the nightly toolchain: rustup toolchain install nightly"; exit 1; }
