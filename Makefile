@@ -140,11 +140,7 @@ fuzz-long: fuzz-tools
 	bash scripts/fuzz.sh $(FUZZ_LONG_SECONDS)
 
 fuzz-cmin: fuzz-tools
-	@for t in $$(cargo +nightly fuzz list --fuzz-dir fuzz); do \
-	  if [ -d fuzz/target/corpus-work/$$t ]; then cp -n fuzz/target/corpus-work/$$t/* fuzz/corpus/$$t/ 2>/dev/null || true; fi; \
-	  cargo +nightly fuzz cmin --fuzz-dir fuzz -O -a $$t fuzz/corpus/$$t -- -rss_limit_mb=3072 >/dev/null 2>&1 || exit 1; \
-	  echo "$$t: $$(ls fuzz/corpus/$$t | wc -l) inputs, $$(du -sh fuzz/corpus/$$t | cut -f1)"; \
-	done
+	bash scripts/fuzz.sh --cmin
 
 # API conformance against the live server's OpenAPI document (schemathesis from PyPI).
 ST_EXAMPLES ?= 100

@@ -1,8 +1,8 @@
-//! Writes the seed inputs of the fuzz targets (`fuzz/`) into `fuzz/corpus/<target>/`:
+//! Writes the seed inputs of the fuzz targets (`fuzz/`) into `fuzz/seeds/<target>/`:
 //! one or two well-formed inputs per target for libFuzzer to mutate from. The corpus that is
-//! committed is what `cargo fuzz cmin` keeps after the runs (RELIABILITY.md).
+//! committed under `fuzz/corpus/` is what `make fuzz-cmin` keeps after the runs.
 //!
-//! `cargo run --release --example fuzz_seeds [-- DIR]` (default `fuzz/corpus`).
+//! `cargo run --release --example fuzz_seeds [-- DIR]` (default `fuzz/seeds`).
 
 use candle_onnx::onnx::ModelProto;
 use fmnist::onnx::writer::{build_model, GraphSpec, Layer};
@@ -66,7 +66,7 @@ fn tiny_cnn() -> ModelProto {
 fn main() -> std::io::Result<()> {
     let dir = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| "fuzz/corpus".into());
+        .unwrap_or_else(|| "fuzz/seeds".into());
     let dir = Path::new(&dir);
     let pixels = |n: usize| -> Vec<String> { (0..n).map(|i| (i % 256).to_string()).collect() };
 

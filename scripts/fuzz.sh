@@ -7,10 +7,16 @@
 # fuzz/regressions/<target>/ so that `cargo test` (tests/fuzz_corpus.rs) replays it.
 #
 #   scripts/fuzz.sh SECONDS [TARGET...]     (default: every target)
+#   scripts/fuzz.sh --cmin [TARGET...]      replace fuzz/corpus/<target> by the smallest set of
+#                                           inputs (committed corpus, seeds, scratch corpus)
+#                                           that covers the same edges
+#
+# Inputs: fuzz/seeds/<target>/ (well-formed examples, `cargo run --example fuzz_seeds`) and
+# fuzz/corpus/<target>/ (what earlier runs found, minimised), both committed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-seconds=${1:?usage: scripts/fuzz.sh SECONDS [TARGET...]}
+seconds=${1:?usage: scripts/fuzz.sh SECONDS|--cmin [TARGET...]}
 shift
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
@@ -27,13 +33,29 @@ RSS_MB=${FUZZ_RSS_MB:-3072}
 FLAGS=(--fuzz-dir fuzz -O -a)
 cargo +nightly fuzz build "${FLAGS[@]}"
 
+if [ "$seconds" = --cmin ]; then
+  # Edges only (-use_counters=0): hit counts would keep thousands of near-duplicates.
+  for t in "${targets[@]}"; do
+    merged=fuzz/target/cmin/$t
+    rm -rf "$merged" && mkdir -p "$merged" "fuzz/corpus/$t" "fuzz/target/corpus-work/$t"
+    cargo +nightly fuzz run "${FLAGS[@]}" "$t" "$merged" "fuzz/corpus/$t" "fuzz/seeds/$t" \
+      "fuzz/target/corpus-work/$t" -- -merge=1 -use_counters=0 -rss_limit_mb="$RSS_MB" \
+      -malloc_limit_mb="$MALLOC_MB" >"fuzz/target/$t.cmin.log" 2>&1
+    rm -f "fuzz/corpus/$t"/*
+    cp "$merged"/* "fuzz/corpus/$t/" 2>/dev/null || true
+    echo "$t: $(ls "fuzz/corpus/$t" | wc -l) inputs, $(du -sb "fuzz/corpus/$t" | cut -f1) bytes"
+  done
+  exit 0
+fi
+
 status=0
 printf '%-18s %12s %10s %8s %8s\n' target executions exec/s corpus cover
 for t in "${targets[@]}"; do
   work=fuzz/target/corpus-work/$t
   mkdir -p "$work" "fuzz/artifacts/$t"
   log=fuzz/target/$t.log
-  if ! cargo +nightly fuzz run "${FLAGS[@]}" "$t" "$work" "fuzz/corpus/$t" -- \
+  mkdir -p "fuzz/corpus/$t"
+  if ! cargo +nightly fuzz run "${FLAGS[@]}" "$t" "$work" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
       -max_total_time="$seconds" -timeout=10 -malloc_limit_mb="$MALLOC_MB" \
       -rss_limit_mb="$RSS_MB" -print_final_stats=1 >"$log" 2>&1; then
     echo "== $t FAILED; the last lines of $log:"

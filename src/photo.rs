@@ -36,11 +36,13 @@ use image::imageops::FilterType;
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
 use std::io::Cursor;
 
-/// The default decoding bounds: sides up to 12,000 px and 160 MiB of decoded pixels (a
-/// 48-megapixel RGB photo is 139 MiB; a 12-megapixel phone photo 36 MiB).
+/// The default decoding bounds: sides up to 12,000 px and 96 MiB of decoded pixels (a
+/// 33-megapixel RGB photo; a 12-megapixel phone photo is 36 MiB). Why 96: with the server's
+/// two concurrent decodes, eight uploads of a photo at this bound peaked at 381–398 MB of RSS
+/// (RELIABILITY.md), inside the Deployment's 512 MiB limit.
 pub const DEFAULT_LIMITS: DecodeLimits = DecodeLimits {
     max_side: 12_000,
-    max_decoded_bytes: 160 << 20,
+    max_decoded_bytes: 96 << 20,
 };
 
 /// Bounds on one decode, checked from the file's header before pixels are allocated.
@@ -262,27 +264,27 @@ fn content_box(img: &GrayImage, bg: u8) -> (u32, u32, u32, u32) {
 }
 
 /// The conversion steps of the module documentation, on a decoded gray image: 784 pixels
-/// 0–255, row-major, light item on black.
-pub fn to_fashion_mnist(gray: &GrayImage) -> Vec<u8> {
+/// 0–255, row-major, light item on black. Takes the image by value and works in place (the
+/// crop is a view), so a decode's peak memory is its decoded image plus one gray copy.
+pub fn to_fashion_mnist(mut img: GrayImage) -> Vec<u8> {
     let side = IMAGE_SIDE as u32;
-    if gray.width() == 0 || gray.height() == 0 {
+    if img.width() == 0 || img.height() == 0 {
         return vec![0; IMAGE_PIXELS];
     }
-    let mut img = gray.clone();
     let mut bg = background(&img);
     if bg > 127 {
         image::imageops::invert(&mut img);
         bg = 255 - bg;
     }
     let (x, y, w, h) = content_box(&img, bg);
-    let cropped = image::imageops::crop_imm(&img, x, y, w, h).to_image();
+    let cropped = image::imageops::crop_imm(&img, x, y, w, h);
     let long = w.max(h);
     let scale = |v: u32| {
         ((u64::from(v) * u64::from(side) + u64::from(long) / 2) / u64::from(long))
             .clamp(1, u64::from(side)) as u32
     };
     let (nw, nh) = (scale(w), scale(h));
-    let small = image::imageops::resize(&cropped, nw, nh, FilterType::Triangle);
+    let small = image::imageops::resize(&*cropped, nw, nh, FilterType::Triangle);
     let sharp = sharpen(&small);
     let mut out = GrayImage::new(side, side);
     image::imageops::replace(
@@ -296,7 +298,7 @@ pub fn to_fashion_mnist(gray: &GrayImage) -> Vec<u8> {
 
 /// Decode + convert: what the server and `fmnist-train predict` run on an uploaded file.
 pub fn photo_pixels(bytes: &[u8], limits: DecodeLimits) -> Result<Vec<u8>, PhotoError> {
-    decode(bytes, limits).map(|g| to_fashion_mnist(&g))
+    decode(bytes, limits).map(to_fashion_mnist)
 }
 
 #[cfg(test)]
@@ -368,7 +370,7 @@ mod tests {
 
     #[test]
     fn a_light_background_is_trimmed_negated_and_centred() {
-        let px = to_fashion_mnist(&product_photo());
+        let px = to_fashion_mnist(product_photo());
         // The 40×20 bar fills the width and half the height, centred: rows 7..21.
         let at = |x: usize, y: usize| px[y * 28 + x];
         assert!(at(14, 14) > 200, "item light: {}", at(14, 14));
@@ -385,7 +387,7 @@ mod tests {
         let img = GrayImage::from_fn(28, 28, |x, _| {
             Luma([if (4..24).contains(&x) { 200 } else { 0 }])
         });
-        let px = to_fashion_mnist(&img);
+        let px = to_fashion_mnist(img);
         assert!(px[14 * 28 + 14] >= 190 && px[14 * 28 + 1] == 0);
     }
 

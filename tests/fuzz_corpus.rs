@@ -1,5 +1,6 @@
-//! Replays the fuzz targets' committed inputs (`fuzz/corpus/<target>/` and the crash
-//! reproducers in `fuzz/regressions/<target>/`) through the same functions the libFuzzer
+//! Replays the fuzz targets' committed inputs (the seeds in `fuzz/seeds/<target>/`, the
+//! minimised corpus in `fuzz/corpus/<target>/` and the crash reproducers in
+//! `fuzz/regressions/<target>/`) through the same functions the libFuzzer
 //! targets call, so `cargo test` keeps every bug the fuzzer found fixed without nightly.
 
 use candle_onnx::onnx::ModelProto;
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 fn inputs(target: &str) -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut files = Vec::new();
-    for kind in ["corpus", "regressions"] {
+    for kind in ["seeds", "corpus", "regressions"] {
         if let Ok(dir) = std::fs::read_dir(root.join(kind).join(target)) {
             files.extend(dir.map(|e| e.unwrap().path()));
         }
@@ -77,7 +78,7 @@ fn basic_auth() {
 /// executor rather than at the protobuf decoder.
 #[test]
 fn the_model_seed_plans() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/onnx_bytes/tiny_cnn");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/onnx_bytes/tiny_cnn");
     let model = fmnist::OnnxModel::load(&path).unwrap();
     assert!(model.plan().is_some(), "{}", model.engine_description());
 }
