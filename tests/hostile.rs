@@ -251,6 +251,7 @@ fn cases() -> Vec<Case> {
         c("image: empty body", upload("image/png", b""), 415, Some("the file is empty")),
         c("image: body over --max-image-bytes", huge_image, 413, Some("larger than the limit of 16777216")),
         c("image: bad preview flag", post("/predict?preview=yes", Some("image/png"), "x"), 400, Some("query parameter preview")),
+        c("image: unknown query parameter", post("/predict?previw=true", Some("image/png"), "x"), 400, Some("unknown query parameter \"previw\"")),
         c("form: no boundary", upload("multipart/form-data", b"--x\r\n"), 400, Some("boundary")),
         c("form: wrong field name", upload(&form_type, &form_body("photo", &png)), 422, Some("unknown form field \"photo\"")),
         c("form: garbage", upload(&form_type, b"not a form"), 400, Some("malformed multipart")),

@@ -404,27 +404,32 @@ fn content_type(req: &Request<Incoming>) -> String {
         .unwrap_or_default()
 }
 
-/// A boolean query parameter: absent or `false` is false, `true` (or no value) is true;
-/// anything else is 400.
+/// A boolean query parameter, the only one the route takes: absent or `false` is false,
+/// `true` (or no value) is true; another value, or any other parameter, is 400 (as unknown
+/// JSON fields are refused, so that a misspelt option is not silently ignored).
 fn query_flag(req: &Request<Incoming>, name: &str) -> Result<bool, ApiError> {
     let Some(query) = req.uri().query() else {
         return Ok(false);
     };
     let mut on = false;
-    for pair in query.split('&') {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
-        if k == name {
-            on = match v {
-                "true" | "1" => true,
-                "false" | "0" => false,
-                other => {
-                    let shown: String = other.chars().take(20).collect();
-                    return Err(ApiError::BadRequest(format!(
-                        "query parameter {name} is {shown:?}; use true or false"
-                    )));
-                }
-            };
+        if k != name {
+            let shown: String = k.chars().take(40).collect();
+            return Err(ApiError::BadRequest(format!(
+                "unknown query parameter {shown:?}; this route takes only {name}"
+            )));
         }
+        on = match v {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            other => {
+                let shown: String = other.chars().take(20).collect();
+                return Err(ApiError::BadRequest(format!(
+                    "query parameter {name} is {shown:?}; use true or false"
+                )));
+            }
+        };
     }
     Ok(on)
 }
