@@ -8,6 +8,7 @@ mod loader;
 mod metrics;
 mod models;
 mod optim;
+mod report;
 mod train;
 mod transfer;
 
@@ -214,6 +215,12 @@ struct EvalArgs {
     /// Also write the metrics as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also write a visual report into this directory (created if missing): index.html with
+    /// the confusion matrix as heatmaps (counts and per cent), per-class precision/recall/F1
+    /// bars, the 30 most confident mistakes, and the training curves when the model's .json
+    /// has a history. PNG and SVG pictures; the numbers are the same as --json's.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
     /// Fail (exit 1) when accuracy is below this value.
     #[arg(long)]
     min_accuracy: Option<f64>,
@@ -711,6 +718,15 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         fmnist::onnx::writer::write_atomic(j, &serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", j.display()))?;
     }
+    if let Some(dir) = &a.report {
+        let history = training_history(&a.model)?;
+        let source = report::Source {
+            model: &a.model,
+            data: &a.data,
+        };
+        let index = report::write(dir, &source, &report, &d, &logits, &history)?;
+        eprintln!("report: {}", index.display());
+    }
     if let Some(min) = a.min_accuracy {
         if report.accuracy < min {
             bail!(
@@ -720,6 +736,24 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The per-epoch history in the `.json` beside a model: empty when there is no such file or
+/// it has no `epochs` (an exported or converted model); an unreadable one is an error.
+fn training_history(model: &Path) -> Result<Vec<report::Epoch>> {
+    let js = model.with_extension("json");
+    let bytes = match std::fs::read(&js) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", js.display())),
+    };
+    let info: serde_json::Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not valid JSON", js.display()))?;
+    match info.get("epochs") {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(e) => serde_json::from_value(e.clone())
+            .with_context(|| format!("{}: 'epochs' is not a training history", js.display())),
+    }
 }
 
 fn cmd_convert(a: ConvertArgs) -> Result<()> {
