@@ -13,18 +13,20 @@ FMNIST_URL ?= http://fashion-mnist.s3-website.eu-central-1.amazonaws.com
 MODEL ?= weights/fmnist-cnn.onnx
 VENV ?= .venv
 
-.PHONY: oip-clients help deps deps-data build data train eval serve test test-rust test-onnxruntime check-shipped \
+.PHONY: oip-clients browser-test report help deps deps-data build data train eval serve test test-rust test-onnxruntime check-shipped \
         bench bench-train bench-serve bench-vgg bench-kernels soak soak-ci fuzz fuzz-tools fuzz-ci fuzz-long fuzz-cmin schemathesis vgg16-weights train-vgg postman image image-run image-test k8s-validate fmt lint clean
 
 help:
 	@echo "make serve        serve $(MODEL) on http://127.0.0.1:8080, gRPC on 127.0.0.1:8081 (dev credentials admin/password123)"
 	@echo "make train        train the default CNN on the full training set -> $(MODEL)"
 	@echo "make eval         evaluate $(MODEL) on the official test set"
+	@echo "make report       the visual evaluation report of $(MODEL) -> target/report/index.html"
 	@echo "make vgg16-weights download timm's ImageNet VGG16 (528 MB) to $(VGG16_WEIGHTS)"
 	@echo "make train-vgg    VGG16 transfer learning (frozen backbone, new head) at VGG_SIZE=$(VGG_SIZE)"
 	@echo "make test         the whole test suite (what CI runs)"
 	@echo "make data         data/fashion-mnist_{train,test}.csv from the official files"
 	@echo "make postman      run the Postman collection with newman against a fresh server"
+	@echo "make browser-test the web page and the report in Debian's chromium (Playwright, axe-core); screenshots in target/browser/"
 	@echo "make oip-clients  tritonclient (HTTP, gRPC) and kserve against a fresh server, plus a short fmnist-load run"
 	@echo "make image        static fmnist-serve (musl) in a FROM scratch image $(IMAGE)"
 	@echo "make image-run    run the image on port 8080 (dev credentials admin/password123)"
@@ -108,6 +110,10 @@ serve: build
 
 eval: build data
 	$(TRAIN) eval --model $(MODEL) --data data/fashion-mnist_test.csv --json target/eval.json
+
+# The visual evaluation report of the shipped model on the official test set.
+report: build data
+	$(TRAIN) eval --model $(MODEL) --data data/fashion-mnist_test.csv --json target/report/metrics.json --report target/report
 
 # ---- tests -------------------------------------------------------------------------------
 # Everything runs in release mode: candle in debug is ~10x slower, and one profile means one
@@ -197,6 +203,14 @@ $(VENV)/.clients-ok: scripts/requirements-clients.txt $(VENV)/.ok
 	touch $@
 oip-clients: build $(VENV)/.clients-ok
 	@bash scripts/oip_clients.sh $(RELEASE) $(MODEL) $(OIP_ADDR) $(OIP_GRPC_ADDR) $(VENV)/bin/python
+
+# The web page in Debian's chromium (playwright-core, axe-core from npm), against a fresh
+# server; screenshots in target/browser/.
+BROWSER_ADDR ?= 127.0.0.1:18091
+browser-test: build report
+	$(call need_pkg,chromium fonts-liberation2,test -x /usr/bin/chromium)
+	$(call need_pkg,npm,command -v npm)
+	@FMNIST_REPORT=target/report/index.html bash scripts/browser.sh $(RELEASE)/fmnist-serve $(MODEL) $(BROWSER_ADDR)
 
 # ---- benchmarks --------------------------------------------------------------------------
 # The Postman collection, run by newman against a freshly started server.

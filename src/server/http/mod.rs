@@ -6,6 +6,7 @@
 mod fuzz;
 pub mod json;
 pub mod openapi;
+pub mod page;
 pub mod predict;
 pub mod v2;
 
@@ -45,12 +46,15 @@ pub enum Route {
     Infer(ModelPath),
     Metrics,
     OpenApi,
+    /// The web page and its assets.
+    Page(page::Asset),
 }
 
 impl Route {
     /// Resolves a path, or `None` for an unknown one.
     pub fn resolve(path: &str) -> Option<Route> {
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        // Exactly one leading slash: `//predict` or `//` is not an alias of a route.
+        let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
         Some(match segments.as_slice() {
             ["predict"] => Route::Predict,
             ["v2"] => Route::Server,
@@ -75,7 +79,7 @@ impl Route {
             }
             ["metrics"] => Route::Metrics,
             ["openapi.json"] => Route::OpenApi,
-            _ => return None,
+            other => Route::Page(page::Asset::resolve(other)?),
         })
     }
 
@@ -123,11 +127,13 @@ impl Route {
             ),
             Route::Metrics => "/metrics",
             Route::OpenApi => "/openapi.json",
+            Route::Page(a) => a.path(),
         }
     }
 
     /// Prediction, metadata and configuration need credentials; health, readiness, metrics
-    /// and the documents do not (versioned routes like their unversioned twins).
+    /// and the documents (the page included) do not (versioned routes like their unversioned
+    /// twins).
     fn needs_auth(&self) -> bool {
         matches!(
             self,
@@ -264,6 +270,7 @@ async fn dispatch(
             Ok(r)
         }
         Route::OpenApi => Ok(json_response(StatusCode::OK, &state.openapi)),
+        Route::Page(asset) => Ok(page::response(asset, &state.model.name)),
         Route::Predict => {
             let arriving = state.batcher.arriving()?;
             let preview = query_flag(&req, "preview")?;
@@ -554,7 +561,10 @@ mod tests {
     #[test]
     fn unknown_paths_do_not_resolve() {
         for p in [
-            "/",
+            "//",
+            "//predict",
+            "/ui",
+            "/ui/app.js/x",
             "/predict/x",
             "/v2/models",
             "/v2/models//infer",

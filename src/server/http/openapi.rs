@@ -19,11 +19,22 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v2/models/{name}/versions/{version}/infer"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
+    ("GET", "/"),
+    ("GET", "/ui/app.js"),
+    ("GET", "/ui/app.css"),
+    ("GET", "/ui/icon.svg"),
 ];
 
 fn error_response(description: &str) -> Value {
     json!({ "description": description,
             "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+}
+
+/// A file of the web page (no credentials).
+fn asset(summary: &str, mime: &str) -> Value {
+    json!({ "summary": summary,
+            "responses": { "200": { "description": summary,
+                "content": { mime: { "schema": { "type": "string" } } } } } })
 }
 
 fn json_response(description: &str, schema: Value) -> Value {
@@ -228,7 +239,11 @@ pub fn document(model_name: &str, version: &str, max_images: usize) -> Value {
             "/v2/models/{name}/versions/{version}/infer": { "post": versioned(&infer, version) },
             "/metrics": { "get": { "summary": "Prometheus metrics (text format).",
                 "responses": { "200": { "description": "Metrics.", "content": { "text/plain": { "schema": { "type": "string" } } } } } } },
-            "/openapi.json": { "get": open("This document.", json!({ "type": "object" })) }
+            "/openapi.json": { "get": open("This document.", json!({ "type": "object" })) },
+            "/": { "get": asset("The web page: sign in, then classify a photo or a drawing.", "text/html") },
+            "/ui/app.js": { "get": asset("The page's script.", "text/javascript") },
+            "/ui/app.css": { "get": asset("The page's style sheet.", "text/css") },
+            "/ui/icon.svg": { "get": asset("The page's icon.", "image/svg+xml") }
         },
         "components": {
             "securitySchemes": { "basicAuth": { "type": "http", "scheme": "basic" } },
