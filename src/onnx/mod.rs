@@ -1,7 +1,6 @@
 //! ONNX models: writing them ([`writer`]) from layer descriptions, since candle cannot export,
 //! and running them ([`model`]) with candle-onnx.
 
-pub mod kernels;
 pub mod model;
 pub mod plan;
 pub mod writer;

@@ -5,7 +5,7 @@
 //! PyTorch exports of the same shape: Conv/Relu/MaxPool/Flatten/MatMul+Add or Gemm, per-channel
 //! Sub/Div/Mul/Add, MatMul pooling) [`Plan::new`] turns the graph once, at load, into a list of
 //! steps over channels-last (NHWC) buffers with the weights already packed for the kernels in
-//! [`super::kernels`]: a convolution reads its input windows in place from a zero-padded copy
+//! [`crate::kernels`]: a convolution reads its input windows in place from a zero-padded copy
 //! (no im2col matrix) with bias, ReLU and a following max-pool fused into the same pass; fully
 //! connected layers have their rows permuted at plan time so that ONNX's (channel, y, x)
 //! flatten order costs nothing. Any node outside that set makes [`Plan::new`] return the
@@ -15,10 +15,10 @@
 //! single small image runs on the calling thread, since handing a 100 µs job to another thread
 //! costs more than it saves.
 
-use super::kernels::{
+use super::model::ModelError;
+use crate::kernels::{
     conv_bias_act, conv_pool2_bias_act, matmul_bias_act, matvec_cols, sgemm, PackedB, Windows,
 };
-use super::model::ModelError;
 use crate::preprocess::InputLayout;
 use candle_core::Tensor;
 use candle_onnx::onnx::{self, NodeProto};

@@ -7,12 +7,12 @@
 //! export it is folded into the convolutions' weights and biases, so the ONNX graph is plain
 //! Conv/Relu/MaxPool/MatMul.
 //!
-//! On the CPU the network runs in NHWC layout through the kernels in `kernels.rs`; on other
+//! On the CPU the network runs in NHWC layout through the candle custom ops in `custom_ops.rs`; on other
 //! devices it runs candle's stock NCHW ops. Both read the same parameters, stored in the
 //! layout the CPU path wants: conv weights `[out, 3, 3, in]`, and fc1's input columns in
 //! (y, x, channel) order. Export permutes them to ONNX's `[out, in, 3, 3]` and (channel, y, x).
 
-use super::kernels::{batch_norm_relu_stock, BatchNormRelu, BiasRelu, Im2Col3x3, MaxPool2x2};
+use super::custom_ops::{batch_norm_relu_stock, BatchNormRelu, BiasRelu, Im2Col3x3, MaxPool2x2};
 use super::{cnn_step, dropout, flat, Classifier, Params};
 use candle_core::{Device, Result, Tensor, Var};
 use fmnist::onnx::Layer;
@@ -377,7 +377,7 @@ impl Classifier for Cnn {
 mod tests {
     use super::*;
     use crate::loader::rng;
-    use crate::models::kernels::tests::{max_abs, max_diff};
+    use crate::models::custom_ops::tests::{max_abs, max_diff};
 
     fn input(n: usize) -> Tensor {
         let v: Vec<f32> = (0..n * 784)
@@ -388,7 +388,7 @@ mod tests {
 
     /// The CPU kernels path and candle's stock ops compute the same function and the same
     /// gradients — up to candle 0.11's max-pool backward, which scales every gradient below a
-    /// pooling layer by 1/4 (see kernels.rs): conv2 sits below one pool, conv1 below two.
+    /// pooling layer by 1/4 (see custom_ops.rs): conv2 sits below one pool, conv1 below two.
     #[test]
     fn cpu_kernels_match_stock_ops() {
         let dev = Device::Cpu;

@@ -6,7 +6,7 @@
 //! weight gradient needs an im2col matrix. For this one fixed network the step is a known
 //! sequence of a dozen kernels, so it is cheaper to run them directly:
 //! - the convolutions, forward and input gradient alike, go through the serving executor's
-//!   kernel (`fmnist::onnx::kernels`), which reads 3×3 windows in place from zero-padded
+//!   kernel (`fmnist::kernels`), which reads 3×3 windows in place from zero-padded
 //!   channels-last buffers; the input gradient is the convolution of the padded output
 //!   gradient with the flipped, transposed weights;
 //! - a weight gradient is three sums of outer products (`kernels::outer_sum`), one per kernel
@@ -22,8 +22,8 @@
 //! combined in order, so a step's result does not depend on the number of threads.
 
 use super::cnn::CnnConfig;
-use super::kernels::{batch_stats, ordered_sums};
-use fmnist::onnx::kernels::{conv_bias_act, outer_sum, sgemm_strided, Mat, PackedB, Windows};
+use super::custom_ops::{batch_stats, ordered_sums};
+use fmnist::kernels::{conv_bias_act, outer_sum, sgemm_strided, Mat, PackedB, Windows};
 use fmnist::preprocess::{FMNIST_MEAN, FMNIST_STD};
 use fmnist::NUM_CLASSES;
 use rand::Rng;

@@ -2,7 +2,7 @@
 
 pub mod cnn;
 pub mod cnn_step;
-pub mod kernels;
+pub mod custom_ops;
 pub mod vgg;
 
 use candle_core::{DType, Device, Result, Tensor, Var};

@@ -304,7 +304,7 @@ impl Vgg16 {
 
     /// Channels-last CPU path of [`Vgg16::features`].
     fn features_nhwc(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        use super::kernels::{BiasRelu, Im2Col3x3, MaxPool2x2};
+        use super::custom_ops::{BiasRelu, Im2Col3x3, MaxPool2x2};
         let kernels = match self.kernels_nhwc.get() {
             Some(k) => k,
             None => {
@@ -445,7 +445,7 @@ pub fn adaptive_avg_pool(xs: &Tensor, out: usize) -> candle_core::Result<Tensor>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::kernels::tests::{max_abs, max_diff};
+    use crate::models::custom_ops::tests::{max_abs, max_diff};
     use fmnist::preprocess::{batch_from_pixels, InputLayout};
 
     fn reference() -> HashMap<String, Tensor> {

@@ -1,4 +1,5 @@
-//! CPU kernels for the CNN's hot spots, as candle custom ops with their own backward passes.
+//! The CNN's hot spots as candle custom ops (CustomOp1/2/3 with their own backward passes), so
+//! that candle autograd runs them: the training path that is not the hand-written step.
 //!
 //! Stock candle computes a convolution's input gradient with a direct `conv_transpose2d`
 //! (a scalar loop of dot products) and a max-pool gradient with four whole-tensor passes; on
