@@ -20,7 +20,8 @@ use std::path::PathBuf;
 /// The image limit the decoders run with (small, so that the limit itself gets exercised).
 const MAX_IMAGES: usize = 4;
 
-fn client_error(e: &ApiError, what: &str) {
+/// A decoding failure must be a client error over HTTP and over gRPC; panics otherwise.
+pub(crate) fn client_error(e: &ApiError, what: &str) {
     assert!(
         e.status().is_client_error(),
         "{what}: a decoding failure answered {}: {e}",

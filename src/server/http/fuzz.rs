@@ -5,14 +5,11 @@
 use super::predict::{fast_single_image, parse_json, parse_predict};
 use super::v2::{decode, parse_infer};
 use crate::preprocess::{batch_from_unit, resize_bilinear, InputLayout};
-use crate::server::error::ApiError;
+// Every decoding failure must be a client error over HTTP and gRPC, never a panic or a 5xx:
+// the libFuzzer targets' own check.
+use crate::fuzzing::client_error;
 use candle_core::Device;
 use proptest::prelude::*;
-
-/// Every decoding failure must be a client error, never a panic or a 5xx.
-fn is_client_error(e: &ApiError) -> bool {
-    e.status().is_client_error()
-}
 
 /// JSON-ish text: fragments that real and broken requests are made of.
 fn jsonish() -> impl Strategy<Value = String> {
@@ -47,7 +44,7 @@ proptest! {
         match parse_json(&bytes) {
             Ok(j) => {
                 for r in [parse_predict(&j, 8).err(), parse_infer(&j, None, 8).err()].into_iter().flatten() {
-                    prop_assert!(is_client_error(&r), "{r}");
+                    client_error(&r, "proptest");
                 }
             }
             Err(e) => prop_assert_eq!(e.status().as_u16(), 400),
@@ -58,10 +55,10 @@ proptest! {
     fn jsonish_text_never_panics(text in jsonish()) {
         if let Ok(j) = parse_json(text.as_bytes()) {
             if let Err(e) = parse_predict(&j, 8) {
-                prop_assert!(is_client_error(&e), "{e}");
+                client_error(&e, "proptest");
             }
             if let Err(e) = parse_infer(&j, None, 8) {
-                prop_assert!(is_client_error(&e), "{e}");
+                client_error(&e, "proptest");
             }
         }
     }
@@ -80,7 +77,7 @@ proptest! {
         body.extend_from_slice(&tail);
         for h in [header, Some(json_len), Some(cut.index(body.len() + 1))] {
             if let Err(e) = decode(&body, h, 8) {
-                prop_assert!(is_client_error(&e), "{e}");
+                client_error(&e, "proptest");
             }
         }
     }
