@@ -10,6 +10,7 @@
 pub mod classes;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod html;
 pub mod kernels;
 pub mod onnx;
 pub mod photo;

@@ -740,7 +740,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 
 /// The per-epoch history in the `.json` beside a model: empty when there is no such file or
 /// it has no `epochs` (an exported or converted model); an unreadable one is an error.
-fn training_history(model: &Path) -> Result<Vec<report::Epoch>> {
+fn training_history(model: &Path) -> Result<Vec<train::EpochSummary>> {
     let js = model.with_extension("json");
     let bytes = match std::fs::read(&js) {
         Ok(b) => b,

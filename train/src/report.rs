@@ -15,8 +15,11 @@
 
 use crate::data::Dataset;
 use crate::metrics::Report;
+/// One epoch of the training history, as the model's `.json` records it.
+use crate::train::EpochSummary as Epoch;
 use anyhow::{anyhow, Context, Result};
 use fmnist::classes::{CLASS_NAMES, IMAGE_PIXELS, IMAGE_SIDE, NUM_CLASSES};
+use fmnist::html::escape;
 use fmnist::onnx::model::{argmax, softmax_rows};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -31,16 +34,6 @@ const FAMILY: &str = "sans-serif";
 pub const MISTAKES: usize = 30;
 /// The gallery's images are the 28x28 inputs scaled up by this factor (nearest neighbour).
 const GALLERY_SCALE: u32 = 4;
-
-/// One epoch of the training history in the model's `.json`.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct Epoch {
-    pub epoch: u32,
-    pub train_loss: f64,
-    pub val_loss: Option<f64>,
-    pub val_accuracy: Option<f64>,
-    pub test_accuracy: Option<f64>,
-}
 
 /// A wrongly classified image.
 #[derive(Debug, Clone, PartialEq)]
@@ -440,7 +433,7 @@ fn draw_curves<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, history: &[Epo
         chart
             .configure_mesh()
             .x_desc("epoch")
-            .x_labels((last as usize).min(12))
+            .x_labels(last.min(12))
             .x_label_formatter(&|v| {
                 if v.fract() == 0.0 {
                     format!("{v:.0}")
@@ -477,14 +470,6 @@ fn draw_curves<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, history: &[Epo
     Ok(())
 }
 
-/// HTML-escapes text.
-fn esc(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// A table cell that shows `shown` and carries the exact value and its JSON path.
 fn cell(key: &str, exact: impl std::fmt::Display, shown: impl std::fmt::Display) -> String {
     format!("<td data-key=\"{key}\" data-value=\"{exact}\">{shown}</td>")
@@ -500,8 +485,8 @@ fn page(source: &Source<'_>, r: &Report, mistakes: &[Mistake], curves: bool) -> 
          <title>{t}</title>\n<style>\n{STYLE}</style>\n</head>\n<body>\n<main>\n<h1>{t}</h1>\n\
          <p>Data: <code>{d}</code>, {n} images. Written by <code>fmnist-train eval --report</code>; \
          every number here is also in <code>--json</code>.</p>\n",
-        t = esc(&title),
-        d = esc(&source.data.display().to_string()),
+        t = escape(&title),
+        d = escape(&source.data.display().to_string()),
         n = r.samples,
     );
     h.push_str("<h2>Summary</h2>\n<table class=\"summary\">\n<tbody>\n");
@@ -539,11 +524,11 @@ fn page(source: &Source<'_>, r: &Report, mistakes: &[Mistake], curves: bool) -> 
          by row, predicted class by column</caption>\n<thead><tr><th scope=\"col\">true \\ predicted</th>",
     );
     for name in CLASS_NAMES {
-        let _ = write!(h, "<th scope=\"col\">{}</th>", esc(name));
+        let _ = write!(h, "<th scope=\"col\">{}</th>", escape(name));
     }
     h.push_str("</tr></thead>\n<tbody>\n");
     for (t, row) in r.confusion_matrix.iter().enumerate() {
-        let _ = write!(h, "<tr><th scope=\"row\">{}</th>", esc(CLASS_NAMES[t]));
+        let _ = write!(h, "<tr><th scope=\"row\">{}</th>", escape(CLASS_NAMES[t]));
         for (p, &count) in row.iter().enumerate() {
             h.push_str(&cell(&format!("confusion_matrix.{t}.{p}"), count, count));
         }
@@ -563,7 +548,7 @@ fn page(source: &Source<'_>, r: &Report, mistakes: &[Mistake], curves: bool) -> 
         let _ = writeln!(
             h,
             "<tr><th scope=\"row\">{}</th>{}{}{}{}</tr>",
-            esc(c.class),
+            escape(c.class),
             cell(
                 &key("precision"),
                 c.precision,
@@ -605,8 +590,8 @@ fn page(source: &Source<'_>, r: &Report, mistakes: &[Mistake], curves: bool) -> 
             t = m.truth,
             p = m.predicted,
             c = m.confidence,
-            tn = esc(CLASS_NAMES[m.truth]),
-            pn = esc(CLASS_NAMES[m.predicted]),
+            tn = escape(CLASS_NAMES[m.truth]),
+            pn = escape(CLASS_NAMES[m.predicted]),
             pct = m.confidence * 100.0,
         );
     }

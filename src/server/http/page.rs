@@ -52,27 +52,13 @@ impl Asset {
     }
 }
 
-/// HTML-escapes text for an attribute value.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// The response for an asset; the page names the served model (for its sign-in check).
 pub fn response(asset: Asset, model_name: &str) -> Response<Full<Bytes>> {
     let (body, mime): (Bytes, &str) = match asset {
         Asset::Index => (
-            INDEX.replace("{{MODEL}}", &escape(model_name)).into(),
+            INDEX
+                .replace("{{MODEL}}", &crate::html::escape(model_name))
+                .into(),
             "text/html; charset=utf-8",
         ),
         Asset::Script => (SCRIPT.into(), "text/javascript; charset=utf-8"),
