@@ -228,8 +228,9 @@ bench-kernels: build $(VENV)/.ok
 	$(TRAIN) bench-kernels --model $(MODEL)
 	$(VENV)/bin/python scripts/bench_onnxruntime.py $(MODEL) fixtures/sample.csv
 	@if $(TORCH_PY) -c "import torch" 2>/dev/null; then \
-	  $(TORCH_PY) scripts/bench_pytorch.py --seconds 5 2>/dev/null; \
-	  $(TORCH_PY) scripts/bench_pytorch.py --seconds 5 --channels-last 2>/dev/null; \
+	  for net in cnn six; do for flags in "" "--channels-last" "--channels-last --bf16"; do \
+	    $(TORCH_PY) scripts/bench_pytorch.py --seconds 5 --net $$net $$flags 2>/dev/null; \
+	  done; done; \
 	else echo "PyTorch row skipped: $(TORCH_PY) cannot import torch (set TORCH_PY)"; fi
 
 BENCH_ADDR ?= 127.0.0.1:18080

@@ -581,7 +581,10 @@ pub fn outer_sum(
 }
 
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod bf16;
 
 #[cfg(test)]
 mod tests {

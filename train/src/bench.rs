@@ -72,6 +72,7 @@ pub fn run(b: &BenchKernels) -> Result<()> {
     if !b.skip_training {
         training_step(b)?;
     }
+    bf16_products(b.seconds)?;
     inference(b)?;
     if !b.vgg_sizes.is_empty() {
         vgg(b)?;
@@ -129,6 +130,90 @@ fn training_step(b: &BenchKernels) -> Result<()> {
             "  {label:<58} {:>8.0} img/s",
             per_second(&times, rows.len())
         );
+    }
+    Ok(())
+}
+
+/// The matrix products of the training step, fp32 (the packed AVX-512 kernel the step runs
+/// today, or `gemm`) against each bf16 path this CPU has, at the step's shapes, on all
+/// threads. bf16 inputs are rounded once outside the timed loop (as packed weights would be);
+/// the "+ rounding" figure includes rounding `a` on every call.
+fn bf16_products(seconds: f64) -> Result<()> {
+    use fmnist::kernels::bf16::{gemm_bf16, Bf16Path, Bf16Rows, PackedBf16};
+    use fmnist::kernels::{matmul_bias_act, PackedB};
+    use rayon::prelude::*;
+    println!(
+        "\n[matrix products] GFLOP/s, all threads; bf16 path detected: {}",
+        Bf16Path::detect().map_or("none (fp32 only)", |p| p.name())
+    );
+    let shapes = [
+        (
+            "conv2 forward as GEMM (128·14·14 × 288 × 96)",
+            128 * 14 * 14,
+            9 * 32,
+            96,
+        ),
+        (
+            "conv2 input grad as GEMM (128·14·14 × 864 × 32)",
+            128 * 14 * 14,
+            9 * 96,
+            32,
+        ),
+        ("fc1 forward (128 × 4704 × 128)", 128, 7 * 7 * 96, 128),
+    ];
+    let value = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+    for (label, m, k, n) in shapes {
+        let a: Vec<f32> = (0..m * k).map(value).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| value(i + 17)).collect();
+        let flops = 2.0 * (m * k * n) as f64;
+        let mut c = vec![0f32; m * n];
+        println!("  {label}");
+        let packed = PackedB::new(w.clone(), k, n);
+        let bias = vec![0f32; n];
+        const ROWS: usize = 256;
+        let times = timed(seconds, 3, || {
+            c.par_chunks_mut(ROWS * n).enumerate().for_each(|(t, c)| {
+                let rows = c.len() / n;
+                matmul_bias_act(
+                    &a[t * ROWS * k..][..rows * k],
+                    rows,
+                    &packed,
+                    &bias,
+                    false,
+                    c,
+                );
+            });
+            Ok(())
+        })?;
+        let fp32 = per_second(&times, 1) * flops / 1e9;
+        println!(
+            "    {:<34} {fp32:>8.1}",
+            format!("fp32 ({})", packed.kernel_name())
+        );
+        let pb = PackedBf16::new(&w, k, n);
+        let mut pa = Bf16Rows::from_f32(&a, m, k);
+        for path in [Bf16Path::Amx, Bf16Path::Avx512Bf16] {
+            if !path.supported() {
+                println!("    {:<34} {:>8}", path.name(), "n/a on this CPU");
+                continue;
+            }
+            let times = timed(seconds, 3, || {
+                gemm_bf16(path, &pa, &pb, &mut c, n, true);
+                Ok(())
+            })?;
+            let bare = per_second(&times, 1) * flops / 1e9;
+            let times = timed(seconds, 3, || {
+                pa.fill(&a, m, k);
+                gemm_bf16(path, &pa, &pb, &mut c, n, true);
+                Ok(())
+            })?;
+            let with = per_second(&times, 1) * flops / 1e9;
+            println!(
+                "    {:<34} {bare:>8.1}  ({:.2}x fp32; {with:.1} + rounding)",
+                path.name(),
+                bare / fp32
+            );
+        }
     }
     Ok(())
 }

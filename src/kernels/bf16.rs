@@ -1,0 +1,660 @@
+//! bf16 matrix products with fp32 accumulation: `c[m×n] = a[m×k] · b[k×n]` with both operands
+//! rounded to bfloat16 and every product summed in fp32.
+//!
+//! Why: a bf16 operand is half the bytes of an fp32 one, and the CPUs this project runs on
+//! multiply pairs of them in one instruction — `vdpbf16ps` (AVX512_BF16: 16 lanes × 2 products)
+//! and AMX's `tdpbf16ps` (a 16×16 fp32 tile += 16×32 by 32×16 bf16 tiles in one instruction).
+//! Training keeps fp32 master weights and fp32 everywhere else; only the big products go here.
+//!
+//! The layouts are the ones both instruction sets read, so one packing serves all paths:
+//! - `a` ([`Bf16Rows`]): row-major, each row padded with zeros to a multiple of 32 values and
+//!   the rows to a multiple of 16, so every 16-row × 32-value tile is in bounds and zero
+//!   outside the matrix;
+//! - `b` ([`PackedBf16`]): 16-column panels in "VNNI" order — for each pair of rows `k, k+1`,
+//!   16 columns × 2 values, so one 64-byte line is one row of an AMX B tile and one zmm
+//!   operand of `vdpbf16ps`.
+//!
+//! Three paths compute the same sums, chosen once per process ([`Bf16Path::detect`]):
+//! AMX tiles, AVX512_BF16 registers, and [`Bf16Path::Emulated`], a scalar emulation of the
+//! tile operations that runs everywhere. The tile paths share one blocking loop
+//! ([`tiled`]), generic over the tile operations, so the emulation tests the very code that
+//! drives AMX on machines without it.
+
+use rayon::prelude::*;
+
+/// Values per row of an A tile (64 bytes of bf16), hence the depth `k` is padded to this.
+pub const TILE_K: usize = 32;
+/// Rows of a tile, and columns of a B panel.
+pub const TILE_M: usize = 16;
+
+/// fp32 → bf16, rounding to nearest even (NaN stays NaN, overflow goes to infinity), as
+/// `vcvtneps2bf16` does.
+#[inline]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// bf16 → fp32 (exact).
+#[inline]
+pub fn from_bf16(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+/// A row-major bf16 matrix padded for tiles: `m_pad = ⌈m/16⌉·16` rows of `k_pad = ⌈k/32⌉·32`
+/// values, zero outside `m × k`.
+#[derive(Debug, Clone, Default)]
+pub struct Bf16Rows {
+    m: usize,
+    k: usize,
+    k_pad: usize,
+    data: Vec<u16>,
+}
+
+impl Bf16Rows {
+    /// Rounds a row-major `m × k` fp32 matrix.
+    pub fn from_f32(a: &[f32], m: usize, k: usize) -> Self {
+        let mut r = Bf16Rows::default();
+        r.fill(a, m, k);
+        r
+    }
+
+    /// Refills in place (the buffer is kept between calls, as the training step does).
+    pub fn fill(&mut self, a: &[f32], m: usize, k: usize) {
+        assert!(
+            a.len() >= m * k,
+            "Bf16Rows: {m}×{k} does not fit in {}",
+            a.len()
+        );
+        let k_pad = round_up(k.max(1), TILE_K);
+        self.m = m;
+        self.k = k;
+        self.k_pad = k_pad;
+        self.data.clear();
+        self.data.resize(round_up(m.max(1), TILE_M) * k_pad, 0);
+        for (row, src) in self.data.chunks_mut(k_pad).zip(a.chunks(k.max(1)).take(m)) {
+            for (d, &s) in row.iter_mut().zip(src) {
+                *d = to_bf16(s);
+            }
+        }
+    }
+
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+}
+
+/// `b[k×n]` in bf16, packed as `⌈n/16⌉` panels of `k_pad/2` pair-rows × 16 columns × 2
+/// values (zero outside the matrix).
+#[derive(Debug, Clone)]
+pub struct PackedBf16 {
+    k: usize,
+    n: usize,
+    k_pad: usize,
+    data: Vec<u16>,
+}
+
+impl PackedBf16 {
+    /// Rounds and packs a row-major `k × n` fp32 matrix.
+    pub fn new(b: &[f32], k: usize, n: usize) -> Self {
+        assert!(
+            b.len() >= k * n,
+            "PackedBf16: {k}×{n} does not fit in {}",
+            b.len()
+        );
+        let k_pad = round_up(k.max(1), TILE_K);
+        let panels = n.div_ceil(TILE_M);
+        let mut data = vec![0u16; panels * k_pad * TILE_M];
+        for r in 0..k {
+            for j in 0..n {
+                data[Self::index(k_pad, r, j)] = to_bf16(b[r * n + j]);
+            }
+        }
+        PackedBf16 { k, n, k_pad, data }
+    }
+
+    /// Where element `(r, j)` lives.
+    fn index(k_pad: usize, r: usize, j: usize) -> usize {
+        let (panel, col) = (j / TILE_M, j % TILE_M);
+        panel * k_pad * TILE_M + (r / 2) * 2 * TILE_M + col * 2 + (r % 2)
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(TILE_M)
+    }
+
+    /// The start of panel `p`'s pair-rows `kc·16 ..` (one 16 × 64-byte B tile per chunk).
+    fn panel_ptr(&self, p: usize, kc: usize) -> *const u16 {
+        self.data[p * self.k_pad * TILE_M + kc * TILE_K * TILE_M..].as_ptr()
+    }
+}
+
+/// Which instructions run the bf16 products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Path {
+    /// AMX tiles (`tdpbf16ps`): Intel Sapphire Rapids and later, with the kernel's permission.
+    Amx,
+    /// AVX512_BF16 (`vdpbf16ps`): Intel Cooper Lake and later, AMD Zen 4 and later.
+    Avx512Bf16,
+    /// The scalar emulation of the tile operations: everywhere, slowly; for tests.
+    Emulated,
+}
+
+impl Bf16Path {
+    /// The fastest path this CPU and kernel allow, or `None` when bf16 hardware is absent
+    /// (callers then stay in fp32). Detected once per process.
+    pub fn detect() -> Option<Bf16Path> {
+        static PATH: std::sync::OnceLock<Option<Bf16Path>> = std::sync::OnceLock::new();
+        *PATH.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if super::amx::available() {
+                    return Some(Bf16Path::Amx);
+                }
+                if std::is_x86_feature_detected!("avx512bf16") {
+                    return Some(Bf16Path::Avx512Bf16);
+                }
+            }
+            None
+        })
+    }
+
+    /// Whether this path can run here.
+    pub fn supported(self) -> bool {
+        match self {
+            Bf16Path::Emulated => true,
+            #[cfg(target_arch = "x86_64")]
+            Bf16Path::Amx => super::amx::available(),
+            #[cfg(target_arch = "x86_64")]
+            Bf16Path::Avx512Bf16 => std::is_x86_feature_detected!("avx512bf16"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The name logs and benchmarks print ("amx-bf16", "avx512-bf16", "emulated-bf16").
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Path::Amx => "amx-bf16",
+            Bf16Path::Avx512Bf16 => "avx512-bf16",
+            Bf16Path::Emulated => "emulated-bf16",
+        }
+    }
+}
+
+/// Rows of `c` per parallel task (a multiple of the 32-row block).
+const ROWS_PER_TASK: usize = 128;
+
+/// `c[m×n] = a · b` (row-major, row stride `ldc`), on `path`; with `threads`, row blocks are
+/// split over rayon's threads (each value is still summed by one thread in one order, so the
+/// result does not depend on the thread count).
+///
+/// Panics when `path` cannot run on this CPU or the shapes disagree.
+pub fn gemm_bf16(
+    path: Bf16Path,
+    a: &Bf16Rows,
+    b: &PackedBf16,
+    c: &mut [f32],
+    ldc: usize,
+    threads: bool,
+) {
+    assert_eq!(a.k, b.k, "gemm_bf16: a is ·×{} but b is {}×·", a.k, b.k);
+    let (m, n) = (a.m, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        n <= ldc && (m - 1) * ldc + n <= c.len(),
+        "gemm_bf16: c too small"
+    );
+    assert!(
+        path.supported(),
+        "gemm_bf16: {} is not available here",
+        path.name()
+    );
+    let run = |r0: usize, c: &mut [f32]| {
+        let rows = (m - r0).min(ROWS_PER_TASK);
+        match path {
+            Bf16Path::Emulated => tiled(&mut Emulated::default(), a, b, r0, rows, c, ldc),
+            // SAFETY: `supported()` checked the CPU (and AMX permission) above.
+            #[cfg(target_arch = "x86_64")]
+            Bf16Path::Amx => unsafe { super::amx::gemm_rows(a, b, r0, rows, c, ldc) },
+            #[cfg(target_arch = "x86_64")]
+            Bf16Path::Avx512Bf16 => unsafe { avx512bf16::gemm_rows(a, b, r0, rows, c, ldc) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!(),
+        }
+    };
+    let c = &mut c[..(m - 1) * ldc + n];
+    if threads && m > ROWS_PER_TASK {
+        c.par_chunks_mut(ROWS_PER_TASK * ldc)
+            .enumerate()
+            .for_each(|(t, c)| run(t * ROWS_PER_TASK, c));
+    } else {
+        for (t, c) in c.chunks_mut(ROWS_PER_TASK * ldc).enumerate() {
+            run(t * ROWS_PER_TASK, c);
+        }
+    }
+}
+
+/// The tile operations [`tiled`] needs: four 16×16 fp32 accumulators `c0..c3`, two A tiles
+/// (16 rows × 32 bf16) and two B tiles (16 pair-rows × 16 columns × 2 bf16).
+pub(super) trait Tiles {
+    /// `c[t] = 0`.
+    unsafe fn zero(&mut self, t: usize);
+    /// A tile `t` from 16 rows of 32 values, `stride` values apart.
+    unsafe fn load_a(&mut self, t: usize, src: *const u16, stride: usize);
+    /// B tile `t` from 16 consecutive 64-byte pair-rows.
+    unsafe fn load_b(&mut self, t: usize, src: *const u16);
+    /// `c[ct] += a[at] · b[bt]`.
+    unsafe fn dot(&mut self, ct: usize, at: usize, bt: usize);
+    /// `c[t]` to 16 rows of 16 values, `stride` values apart.
+    unsafe fn store(&mut self, t: usize, dst: *mut f32, stride: usize);
+}
+
+/// Rows `r0 .. r0 + rows` of `c = a · b` through tile operations, `c` starting at row `r0`:
+/// blocks of 32 rows × 32 columns (four accumulators), smaller at the edges; a block that
+/// overhangs `c` is stored to a scratch tile and copied.
+///
+/// # Safety
+/// The `Tiles` implementation must be usable on this CPU (AMX: configured by the caller).
+pub(super) fn tiled<T: Tiles>(
+    t: &mut T,
+    a: &Bf16Rows,
+    b: &PackedBf16,
+    r0: usize,
+    rows: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let (n, chunks, panels) = (b.n, a.k_pad / TILE_K, b.panels());
+    let mut scratch = [0f32; TILE_M * TILE_M];
+    for rb in (0..rows).step_by(2 * TILE_M) {
+        let mt = if rows - rb > TILE_M { 2 } else { 1 };
+        for pb in (0..panels).step_by(2) {
+            let nt = (panels - pb).min(2);
+            // SAFETY: `a` has ⌈m/16⌉·16 rows of k_pad values and `b` ⌈n/16⌉ panels of k_pad
+            // pair-rows, so every tile read below is in bounds; stores are bounds-checked.
+            unsafe {
+                for i in 0..mt {
+                    for j in 0..nt {
+                        t.zero(i * 2 + j);
+                    }
+                }
+                for kc in 0..chunks {
+                    for i in 0..mt {
+                        let row = r0 + rb + i * TILE_M;
+                        t.load_a(i, a.data[row * a.k_pad + kc * TILE_K..].as_ptr(), a.k_pad);
+                    }
+                    for j in 0..nt {
+                        t.load_b(j, b.panel_ptr(pb + j, kc));
+                    }
+                    for i in 0..mt {
+                        for j in 0..nt {
+                            t.dot(i * 2 + j, i, j);
+                        }
+                    }
+                }
+                for i in 0..mt {
+                    for j in 0..nt {
+                        let (row, col) = (rb + i * TILE_M, (pb + j) * TILE_M);
+                        let (vr, vc) = ((rows - row).min(TILE_M), (n - col).min(TILE_M));
+                        if vr == TILE_M && vc == TILE_M {
+                            let end = (row + TILE_M - 1) * ldc + col + TILE_M;
+                            assert!(end <= c.len());
+                            t.store(i * 2 + j, c[row * ldc + col..].as_mut_ptr(), ldc);
+                        } else {
+                            t.store(i * 2 + j, scratch.as_mut_ptr(), TILE_M);
+                            for r in 0..vr {
+                                c[(row + r) * ldc + col..][..vc]
+                                    .copy_from_slice(&scratch[r * TILE_M..][..vc]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The tile operations in scalar code, summing each pair as `tdpbf16ps` is specified to:
+/// `c += a[2i]·b[2i]`, then `c += a[2i+1]·b[2i+1]`, in fp32 (bf16 products are exact in fp32).
+pub(super) struct Emulated {
+    c: [[f32; TILE_M * TILE_M]; 4],
+    a: [[u16; TILE_M * TILE_K]; 2],
+    b: [[u16; TILE_M * TILE_K]; 2],
+}
+
+impl Default for Emulated {
+    fn default() -> Self {
+        Emulated {
+            c: [[0.0; TILE_M * TILE_M]; 4],
+            a: [[0; TILE_M * TILE_K]; 2],
+            b: [[0; TILE_M * TILE_K]; 2],
+        }
+    }
+}
+
+impl Tiles for Emulated {
+    unsafe fn zero(&mut self, t: usize) {
+        self.c[t] = [0.0; TILE_M * TILE_M];
+    }
+
+    unsafe fn load_a(&mut self, t: usize, src: *const u16, stride: usize) {
+        for r in 0..TILE_M {
+            for v in 0..TILE_K {
+                // SAFETY: the caller keeps 16 rows of 32 values readable.
+                self.a[t][r * TILE_K + v] = unsafe { *src.add(r * stride + v) };
+            }
+        }
+    }
+
+    unsafe fn load_b(&mut self, t: usize, src: *const u16) {
+        for v in 0..TILE_M * TILE_K {
+            // SAFETY: the caller keeps 16 × 32 values readable.
+            self.b[t][v] = unsafe { *src.add(v) };
+        }
+    }
+
+    unsafe fn dot(&mut self, ct: usize, at: usize, bt: usize) {
+        let (a, b) = (&self.a[at], &self.b[bt]);
+        for i in 0..TILE_M {
+            for j in 0..TILE_M {
+                let mut s = self.c[ct][i * TILE_M + j];
+                for p in 0..TILE_K / 2 {
+                    for h in 0..2 {
+                        s +=
+                            from_bf16(a[i * TILE_K + 2 * p + h]) * from_bf16(b[p * 32 + j * 2 + h]);
+                    }
+                }
+                self.c[ct][i * TILE_M + j] = s;
+            }
+        }
+    }
+
+    unsafe fn store(&mut self, t: usize, dst: *mut f32, stride: usize) {
+        for r in 0..TILE_M {
+            for v in 0..TILE_M {
+                // SAFETY: the caller keeps 16 rows of 16 values writable.
+                unsafe { *dst.add(r * stride + v) = self.c[t][r * TILE_M + v] };
+            }
+        }
+    }
+}
+
+/// The AVX512_BF16 path: 8 rows × 32 columns of accumulators in zmm registers, one
+/// `vdpbf16ps` per row and panel for each pair of depths.
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    use super::{Bf16Rows, PackedBf16, TILE_M};
+    use std::arch::x86_64::*;
+
+    const ROWS: usize = 8;
+
+    /// Rows `r0 .. r0 + rows` of `c = a · b`, `c` starting at row `r0`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX512_BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn gemm_rows(
+        a: &Bf16Rows,
+        b: &PackedBf16,
+        r0: usize,
+        rows: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        let (n, pairs, panels) = (b.n, a.k_pad / 2, b.panels());
+        let a_rows = a.data.len() / a.k_pad;
+        for rb in (0..rows).step_by(ROWS) {
+            for pb in (0..panels).step_by(2) {
+                let two = panels - pb >= 2;
+                let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+                let p0 = b.panel_ptr(pb, 0);
+                let p1 = if two { b.panel_ptr(pb + 1, 0) } else { p0 };
+                for kp in 0..pairs {
+                    // SAFETY: panels hold k_pad/2 pair-rows of 16 dwords each.
+                    let (b0, b1) = unsafe {
+                        (
+                            _mm512_loadu_si512(p0.add(kp * 2 * TILE_M).cast()),
+                            _mm512_loadu_si512(p1.add(kp * 2 * TILE_M).cast()),
+                        )
+                    };
+                    let (b0, b1) = (
+                        std::mem::transmute::<__m512i, __m512bh>(b0),
+                        std::mem::transmute::<__m512i, __m512bh>(b1),
+                    );
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        // Rows past the padded matrix (a short last block) read row 0: in
+                        // bounds, and never stored.
+                        let row = r0 + rb + r;
+                        let row = if row < a_rows { row } else { 0 };
+                        // SAFETY: row < a_rows and 2·kp + 1 < k_pad.
+                        let pair = unsafe {
+                            (a.data.as_ptr().add(row * a.k_pad + 2 * kp) as *const i32)
+                                .read_unaligned()
+                        };
+                        let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                        if two {
+                            acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate().take((rows - rb).min(ROWS)) {
+                    let row = (rb + r) * ldc;
+                    for (j, v) in acc.iter().enumerate().take(if two { 2 } else { 1 }) {
+                        let col = (pb + j) * TILE_M;
+                        let valid = (n - col).min(TILE_M);
+                        let dst = &mut c[row + col..row + col + valid];
+                        let mask: __mmask16 = ((1u32 << valid) - 1) as __mmask16;
+                        // SAFETY: the mask limits the store to `dst`.
+                        unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask, *v) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The plain triple loop over the rounded operands, summing in the order the tiles do
+    /// (depth ascending), in fp32.
+    fn reference(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f32;
+                for r in 0..k {
+                    s += from_bf16(to_bf16(a[i * k + r])) * from_bf16(to_bf16(b[r * n + j]));
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    /// Σ |a_ir|·|b_rj| per output, the scale of its rounding error.
+    fn magnitude(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut c = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|r| (a[i * k + r] * b[r * n + j]).abs()).sum();
+            }
+        }
+        c
+    }
+
+    /// Shapes covering every edge: one and two row tiles, short blocks, one and two panels,
+    /// ragged columns, depths below, at and above one 32-chunk, odd depths.
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (3, 5, 7),
+        (16, 32, 16),
+        (17, 33, 17),
+        (31, 64, 33),
+        (32, 31, 32),
+        (45, 95, 50),
+        (129, 288, 96),
+        (200, 9, 40),
+    ];
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even 1.0.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // Just above the tie rounds up.
+        assert_eq!(to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(to_bf16(f32::MAX), 0x7f80, "overflow is infinity");
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(to_bf16(-0.0), 0x8000);
+        for x in values(1000, 3) {
+            let y = from_bf16(to_bf16(x));
+            assert!((x - y).abs() <= x.abs() / 256.0, "{x} → {y}");
+        }
+    }
+
+    #[test]
+    fn packing_places_every_value() {
+        let (k, n) = (37, 21);
+        let b = values(k * n, 5);
+        let p = PackedBf16::new(&b, k, n);
+        for r in 0..k {
+            for j in 0..n {
+                assert_eq!(
+                    p.data[PackedBf16::index(p.k_pad, r, j)],
+                    to_bf16(b[r * n + j])
+                );
+            }
+        }
+        let nonzero = p.data.iter().filter(|&&v| v != 0).count();
+        assert_eq!(
+            nonzero,
+            b.iter().filter(|&&v| to_bf16(v) & 0x7fff != 0).count()
+        );
+    }
+
+    /// The tiling loop over the emulated tiles gives exactly the plain loop's sums: same
+    /// products, same order. This covers the blocking and edge logic that drives AMX.
+    #[test]
+    fn emulated_tiles_equal_the_plain_loop() {
+        for (m, k, n) in SHAPES {
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            let mut c = vec![f32::NAN; m * n];
+            let (pa, pb) = (Bf16Rows::from_f32(&a, m, k), PackedBf16::new(&b, k, n));
+            gemm_bf16(Bf16Path::Emulated, &pa, &pb, &mut c, n, false);
+            assert_eq!(c, reference(&a, &b, m, k, n), "{m}×{k}×{n}");
+        }
+    }
+
+    /// A row stride wider than `n` leaves the gap untouched, and threads change nothing.
+    #[test]
+    fn strided_output_and_threads() {
+        let (m, k, n, ldc) = (300, 40, 20, 27);
+        let (a, b) = (values(m * k, 7), values(k * n, 8));
+        let (pa, pb) = (Bf16Rows::from_f32(&a, m, k), PackedBf16::new(&b, k, n));
+        let mut one = vec![-7f32; m * ldc];
+        let mut many = one.clone();
+        gemm_bf16(Bf16Path::Emulated, &pa, &pb, &mut one, ldc, false);
+        gemm_bf16(Bf16Path::Emulated, &pa, &pb, &mut many, ldc, true);
+        assert_eq!(one, many);
+        let want = reference(&a, &b, m, k, n);
+        for i in 0..m {
+            assert_eq!(&one[i * ldc..i * ldc + n], &want[i * n..(i + 1) * n]);
+            assert!(one[i * ldc + n..(i + 1) * ldc].iter().all(|&v| v == -7.0));
+        }
+    }
+
+    /// Every hardware path against the emulation: the same rounded products, summed in an
+    /// order the hardware chooses, so within fp32 rounding of Σ|a||b| (2^-20 relative, far
+    /// below bf16's own 2^-8). Paths this CPU lacks say so and are skipped.
+    #[test]
+    fn hardware_paths_match_the_emulation() {
+        for path in [Bf16Path::Amx, Bf16Path::Avx512Bf16] {
+            if !path.supported() {
+                eprintln!("skipped: {} is not available on this CPU", path.name());
+                continue;
+            }
+            for (m, k, n) in SHAPES {
+                let (a, b) = (values(m * k, 11), values(k * n, 12));
+                let (pa, pb) = (Bf16Rows::from_f32(&a, m, k), PackedBf16::new(&b, k, n));
+                let mut want = vec![0f32; m * n];
+                gemm_bf16(Bf16Path::Emulated, &pa, &pb, &mut want, n, false);
+                let mut got = vec![f32::NAN; m * n];
+                gemm_bf16(path, &pa, &pb, &mut got, n, true);
+                let mag = magnitude(&a, &b, m, k, n);
+                for i in 0..m * n {
+                    let tol = mag[i] * (k as f32) * 2f32.powi(-22) + 1e-30;
+                    assert!(
+                        (got[i] - want[i]).abs() <= tol,
+                        "{} {m}×{k}×{n} [{i}]: {} vs {} (tol {tol})",
+                        path.name(),
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+
+    /// The stated tolerance against full fp32 products: each operand is off by at most 2^-9
+    /// relative, so each product by about 2^-8, hence |bf16 − fp32| ≤ 2^-8 · Σ|a||b| (plus
+    /// fp32 summation error).
+    #[test]
+    fn bf16_is_within_its_rounding_of_fp32() {
+        let path = Bf16Path::detect().unwrap_or(Bf16Path::Emulated);
+        eprintln!("bf16 path: {}", path.name());
+        for (m, k, n) in SHAPES {
+            let (a, b) = (values(m * k, 21), values(k * n, 22));
+            let (pa, pb) = (Bf16Rows::from_f32(&a, m, k), PackedBf16::new(&b, k, n));
+            let mut got = vec![0f32; m * n];
+            gemm_bf16(path, &pa, &pb, &mut got, n, false);
+            let mag = magnitude(&a, &b, m, k, n);
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k)
+                        .map(|r| a[i * k + r] as f64 * b[r * n + j] as f64)
+                        .sum();
+                    let tol = mag[i * n + j] as f64 * (2f64.powi(-8) + k as f64 * 2f64.powi(-23));
+                    let err = (got[i * n + j] as f64 - exact).abs();
+                    assert!(err <= tol, "{m}×{k}×{n} ({i},{j}): err {err} > {tol}");
+                }
+            }
+        }
+    }
+}
