@@ -66,7 +66,9 @@ impl Bf16Rows {
         r
     }
 
-    /// Refills in place (the buffer is kept between calls, as the training step does).
+    /// Refills in place (the buffer is kept between calls, as the training step does). Large
+    /// matrices are rounded on rayon's threads, a block of rows each, since the products that
+    /// follow run on all threads too.
     pub fn fill(&mut self, a: &[f32], m: usize, k: usize) {
         assert!(
             a.len() >= m * k,
@@ -77,12 +79,20 @@ impl Bf16Rows {
         self.m = m;
         self.k = k;
         self.k_pad = k_pad;
-        self.data.clear();
         self.data.resize(round_up(m.max(1), TILE_M) * k_pad, 0);
-        for (row, src) in self.data.chunks_mut(k_pad).zip(a.chunks(k.max(1)).take(m)) {
+        // Every row is written whole (values, then zero padding; rows past `m` all zero), so
+        // nothing of the previous contents survives and nothing needs clearing first.
+        let round = |(i, row): (usize, &mut [u16])| {
+            let src = if i < m { &a[i * k..(i + 1) * k] } else { &[] };
             for (d, &s) in row.iter_mut().zip(src) {
                 *d = to_bf16(s);
             }
+            row[src.len()..].fill(0);
+        };
+        if m * k >= PARALLEL_VALUES {
+            self.data.par_chunks_mut(k_pad).enumerate().for_each(round);
+        } else {
+            self.data.chunks_mut(k_pad).enumerate().for_each(round);
         }
     }
 
@@ -201,6 +211,9 @@ impl Bf16Path {
     }
 }
 
+/// Values of `a` from which [`Bf16Rows::fill`] rounds on all threads.
+const PARALLEL_VALUES: usize = 1 << 16;
+
 /// Rows of `c` per parallel task (a multiple of the 32-row block).
 const ROWS_PER_TASK: usize = 128;
 
@@ -273,10 +286,9 @@ pub(super) trait Tiles {
 
 /// Rows `r0 .. r0 + rows` of `c = a · b` through tile operations, `c` starting at row `r0`:
 /// blocks of 32 rows × 32 columns (four accumulators), smaller at the edges; a block that
-/// overhangs `c` is stored to a scratch tile and copied.
-///
-/// # Safety
-/// The `Tiles` implementation must be usable on this CPU (AMX: configured by the caller).
+/// overhangs `c` is stored to a scratch tile and copied. `t` must be usable on this CPU (for
+/// AMX: supported, permitted and configured by the caller), which is why this is private to
+/// the kernel module.
 pub(super) fn tiled<T: Tiles>(
     t: &mut T,
     a: &Bf16Rows,
@@ -567,6 +579,27 @@ mod tests {
             nonzero,
             b.iter().filter(|&&v| to_bf16(v) & 0x7fff != 0).count()
         );
+    }
+
+    /// A refilled buffer equals a fresh one, whether the new matrix is smaller or larger and
+    /// whether it is rounded on one thread or on all (sizes on both sides of the threshold).
+    #[test]
+    fn refilling_equals_a_fresh_buffer() {
+        let mut reused = Bf16Rows::default();
+        for (m, k) in [(300, 300), (5, 37), (1, 1), (17, 33), (400, 200), (3, 64)] {
+            let a = values(m * k, (m + k) as u64);
+            reused.fill(&a, m, k);
+            let mut fresh = Bf16Rows::default();
+            fresh.k_pad = round_up(k, TILE_K);
+            fresh.data = vec![0; round_up(m, TILE_M) * fresh.k_pad];
+            for i in 0..m {
+                for j in 0..k {
+                    fresh.data[i * fresh.k_pad + j] = to_bf16(a[i * k + j]);
+                }
+            }
+            assert_eq!((reused.m, reused.k, reused.k_pad), (m, k, fresh.k_pad));
+            assert_eq!(reused.data, fresh.data, "{m}×{k}");
+        }
     }
 
     /// The tiling loop over the emulated tiles gives exactly the plain loop's sums: same
