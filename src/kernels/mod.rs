@@ -1,5 +1,6 @@
 //! The CPU compute engine, at the bottom of the library: packed GEMM, convolution windows
-//! read in place, and the outer-product sums of weight gradients. The planned executor
+//! read in place, the outer-product sums of weight gradients, bf16 products ([`bf16`]) and
+//! GELU ([`activation`]). The planned executor
 //! (`onnx::plan`) and the training step (`fmnist-train`'s `cnn_step.rs`) both run on these, so
 //! a kernel is written, tuned and tested once.
 //!
@@ -580,6 +581,7 @@ pub fn outer_sum(
     );
 }
 
+pub mod activation;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 #[cfg(target_arch = "x86_64")]

@@ -16,6 +16,7 @@
 //! costs more than it saves.
 
 use super::model::ModelError;
+use crate::kernels::activation::gelu_in_place;
 use crate::kernels::{
     conv_bias_act, conv_pool2_bias_act, matmul_bias_act, matvec_cols, sgemm, PackedB, Windows,
 };
@@ -27,6 +28,8 @@ use std::collections::HashMap;
 
 /// Multiply-accumulates below which a step runs on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1_000_000;
+/// Values below which a GELU step runs on the calling thread.
+const GELU_PARALLEL_MIN: usize = 1 << 16;
 thread_local! {
     /// Per-thread zero-padded input images of a fused convolution + pool.
     static PAD_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -125,6 +128,8 @@ enum Step {
     },
     Conv(Conv),
     Relu,
+    /// Exact GELU ([`crate::kernels::activation::gelu`]).
+    Gelu,
     MaxPool {
         k: usize,
         stride: usize,
@@ -279,7 +284,7 @@ impl Plan {
         let nodes = &graph.node;
         let mut i = 0;
         while i < nodes.len() {
-            i += planner.node(&nodes[i], nodes.get(i + 1))?;
+            i += planner.node(&nodes[i], &nodes[i + 1..])?;
         }
         if planner.current != output_name {
             return Err(format!(
@@ -449,8 +454,10 @@ impl<'c, 'a> Planner<'c, 'a> {
         }
     }
 
-    /// Plans `node` (and possibly `next`, when it fuses); returns how many nodes it consumed.
-    fn node(&mut self, node: &NodeProto, next: Option<&NodeProto>) -> Result<usize, String> {
+    /// Plans `node` (and possibly some of the nodes after it, `rest`, when they fuse); returns
+    /// how many nodes it consumed.
+    fn node(&mut self, node: &NodeProto, rest: &[NodeProto]) -> Result<usize, String> {
+        let next = rest.first();
         if node.output.len() != 1 {
             return Err(format!(
                 "node '{}' has {} outputs",
@@ -473,6 +480,11 @@ impl<'c, 'a> Planner<'c, 'a> {
             }
             "Add" | "Sub" | "Mul" | "Div" => {
                 refuse_attrs(node, &[])?;
+                if let Some(out) = self.gelu_chain(node, rest) {
+                    self.steps.push(Step::Gelu);
+                    self.current = out;
+                    return Ok(5);
+                }
                 let op = match node.op_type.as_str() {
                     "Add" => Elementwise::Add,
                     "Sub" => Elementwise::Sub,
@@ -496,6 +508,16 @@ impl<'c, 'a> Planner<'c, 'a> {
                     }
                 };
                 self.elementwise(node, op, &dims, k)?;
+            }
+            "Gelu" => {
+                refuse_attrs(node, &["approximate"])?;
+                if attr(node, "approximate").is_some_and(|a| a.s != b"none") {
+                    return Err(format!(
+                        "Gelu '{}' with the tanh approximation (only the exact form is planned)",
+                        node.name
+                    ));
+                }
+                self.steps.push(Step::Gelu);
             }
             "Conv" => {
                 self.materialise_chw();
@@ -700,6 +722,66 @@ impl<'c, 'a> Planner<'c, 'a> {
         }
         self.current = node.output[0].clone();
         Ok(consumed)
+    }
+
+    /// The value of a one-element constant.
+    fn scalar(&self, name: &str) -> Option<f32> {
+        match self.consts.get(name) {
+            Some((_, v)) if v.len() == 1 => Some(v[0]),
+            _ => None,
+        }
+    }
+
+    /// Recognises exact GELU written as arithmetic around `Erf` (how PyTorch exports
+    /// `nn.GELU()` below opset 20, and how [`crate::onnx::writer::Layer::Gelu`] writes it),
+    /// starting at `first` and reading the current value `x`:
+    /// `a = x / √2` (or `x · (1/√2)`), `b = Erf(a)`, `d = b + 1`, then either
+    /// `(x · d) · 0.5` or `x · (d · 0.5)`, operands of Add and Mul in either order.
+    /// Returns the chain's output (the chain spans 5 nodes), or None when it is anything
+    /// else; the intermediate values cannot be read elsewhere, since every later node must
+    /// read the chain's output.
+    fn gelu_chain(&self, first: &NodeProto, rest: &[NodeProto]) -> Option<String> {
+        let x = self.current.as_str();
+        let near = |v: Option<f32>, want: f32| v.is_some_and(|v| (v - want).abs() <= 1e-6 * want);
+        // `op` with exactly the inputs `a` and a constant near `k`, in either order (or in
+        // the given order only, for Div); its output.
+        let binary = |n: &NodeProto, op: &str, a: &str, k: f32| -> Option<String> {
+            if n.op_type != op
+                || !n.attribute.is_empty()
+                || n.input.len() != 2
+                || n.output.len() != 1
+            {
+                return None;
+            }
+            let (i0, i1) = (n.input[0].as_str(), n.input[1].as_str());
+            let ok = (i0 == a && near(self.scalar(i1), k))
+                || (op != "Div" && i1 == a && near(self.scalar(i0), k));
+            ok.then(|| n.output[0].clone())
+        };
+        // `Mul(a, b)` in either order; its output.
+        let product = |n: &NodeProto, a: &str, b: &str| -> Option<String> {
+            let ins: Vec<&str> = n.input.iter().map(String::as_str).collect();
+            (n.op_type == "Mul"
+                && n.attribute.is_empty()
+                && n.output.len() == 1
+                && (ins == [a, b] || ins == [b, a]))
+            .then(|| n.output[0].clone())
+        };
+        let scaled = binary(first, "Div", x, std::f32::consts::SQRT_2)
+            .or_else(|| binary(first, "Mul", x, std::f32::consts::FRAC_1_SQRT_2))?;
+        let [erf, add, m1, m2, ..] = rest else {
+            return None;
+        };
+        if erf.op_type != "Erf" || erf.input != [scaled] || erf.output.len() != 1 {
+            return None;
+        }
+        let plus_one = binary(add, "Add", &erf.output[0], 1.0)?;
+        if let Some(e) = product(m1, x, &plus_one) {
+            binary(m2, "Mul", &e, 0.5)
+        } else {
+            let halved = binary(m1, "Mul", &plus_one, 0.5)?;
+            product(m2, x, &halved)
+        }
     }
 
     fn elementwise(
@@ -1181,6 +1263,7 @@ impl Step {
                 c.weight.kernel_name()
             ),
             Step::Relu => "Relu".into(),
+            Step::Gelu => "Gelu".into(),
             Step::MaxPool { k, stride, inp, .. } => format!("MaxPool{k} s{stride} on {inp:?}"),
             Step::PoolRows { s, inp, .. } => format!("PoolRows {inp:?}->{s}"),
             Step::PoolCols { s, inp, .. } => format!("PoolCols {inp:?}->{s}"),
@@ -1226,6 +1309,16 @@ impl Step {
             }
             Step::Relu => {
                 x.iter_mut().for_each(|v| *v = v.max(0.0));
+                return x;
+            }
+            Step::Gelu => {
+                // ~20 flops a value: worth both threads from a few images up.
+                if x.len() >= GELU_PARALLEL_MIN {
+                    x.par_chunks_mut(GELU_PARALLEL_MIN / 4)
+                        .for_each(gelu_in_place);
+                } else {
+                    gelu_in_place(&mut x);
+                }
                 return x;
             }
             Step::Conv(c) => c.run(&x, n, split),
@@ -1412,8 +1505,10 @@ mod tests {
                 });
                 side = (side + 2 * padding - k) / stride + 1;
                 c = out;
-                if r.below(3) > 0 {
-                    layers.push(Layer::Relu);
+                match r.below(4) {
+                    0 => {}
+                    1 => layers.push(Layer::Gelu),
+                    _ => layers.push(Layer::Relu),
                 }
                 let (pk, ps) = (2 + r.below(2), 1 + r.below(3));
                 if side >= pk && r.below(2) == 0 {
@@ -1683,6 +1778,138 @@ mod tests {
             graph.node.push(sm);
         }
         proto
+    }
+
+    /// GELU as the writer emits it, with its operands reordered the ways other exporters
+    /// write them, and as the opset-20 `Gelu` operator: each is planned and agrees with
+    /// candle-onnx; near misses and the tanh form fall back and say why.
+    #[test]
+    fn gelu_in_every_written_form_is_planned_and_near_misses_are_not() {
+        let mut r = Lcg(5);
+        let spec = GraphSpec {
+            name: "gelu".into(),
+            input: InputLayout::Gray,
+            num_classes: 10,
+            layers: vec![
+                Layer::Conv2d {
+                    weight: r.vec(8 * 9, 0.8),
+                    shape: [8, 1, 3, 3],
+                    bias: r.vec(8, 0.5),
+                    stride: 1,
+                    padding: 1,
+                },
+                Layer::Gelu,
+                Layer::MaxPool2d {
+                    kernel: 2,
+                    stride: 2,
+                },
+                Layer::Flatten,
+                Layer::Linear {
+                    weight: r.vec(10 * 8 * 14 * 14, 0.1),
+                    in_features: 8 * 14 * 14,
+                    out_features: 10,
+                    bias: r.vec(10, 0.3),
+                },
+            ],
+            metadata: vec![],
+        };
+        let base = build_model(&spec).unwrap();
+        // Nodes 1..=5 are the GELU chain: Div, Erf, Add, Mul(x, ·), Mul(·, 0.5).
+        let edit = |f: &dyn Fn(
+            &mut Vec<candle_onnx::onnx::NodeProto>,
+            &mut Vec<candle_onnx::onnx::TensorProto>,
+        )| {
+            let mut p = base.clone();
+            let g = p.graph.as_mut().unwrap();
+            f(&mut g.node, &mut g.initializer);
+            OnnxModel::from_proto(PathBuf::from("gelu.onnx"), p, 0).unwrap()
+        };
+        let planned: Vec<(&str, OnnxModel)> = vec![
+            ("as written", edit(&|_, _| {})),
+            (
+                "operands swapped",
+                edit(&|n, _| {
+                    n[3].input.reverse();
+                    n[4].input.reverse();
+                    n[5].input.reverse();
+                }),
+            ),
+            (
+                "halved before the product",
+                edit(&|n, _| {
+                    // x · ((erf + 1) · 0.5)
+                    let x = n[4].input[0].clone();
+                    let plus_one = n[4].input[1].clone();
+                    let half = n[5].input[1].clone();
+                    n[4].input = vec![plus_one, half];
+                    n[4].output = vec!["halved".into()];
+                    n[5].input = vec!["halved".into(), x];
+                }),
+            ),
+            (
+                "times 1/sqrt 2",
+                edit(&|n, init| {
+                    n[1].op_type = "Mul".into();
+                    let k = init.iter_mut().find(|t| t.name == n[1].input[1]).unwrap();
+                    k.raw_data = std::f32::consts::FRAC_1_SQRT_2.to_le_bytes().to_vec();
+                }),
+            ),
+            (
+                "the Gelu operator",
+                edit(&|n, _| {
+                    let mut g = n[1].clone();
+                    g.op_type = "Gelu".into();
+                    g.input = vec![n[1].input[0].clone()];
+                    g.output = n[5].output.clone();
+                    n.splice(1..6, [g]);
+                }),
+            ),
+        ];
+        for (what, m) in &planned {
+            assert!(
+                m.engine_description().starts_with("planned"),
+                "{what}: {}",
+                m.engine_description()
+            );
+            for n in [1, 5] {
+                let diff = compare(m, n, &mut r);
+                assert!(diff < 2e-5, "{what} batch {n}: relative difference {diff}");
+            }
+        }
+        let fallback: Vec<(&str, &str, OnnxModel)> = vec![
+            (
+                "0.6 instead of 0.5",
+                "Erf",
+                edit(&|n, init| {
+                    let k = init.iter_mut().find(|t| t.name == n[5].input[1]).unwrap();
+                    k.raw_data = 0.6f32.to_le_bytes().to_vec();
+                }),
+            ),
+            (
+                "tanh approximation",
+                "tanh",
+                edit(&|n, _| {
+                    let mut g = n[1].clone();
+                    g.op_type = "Gelu".into();
+                    g.input = vec![n[1].input[0].clone()];
+                    g.output = n[5].output.clone();
+                    g.attribute = vec![candle_onnx::onnx::AttributeProto {
+                        name: "approximate".into(),
+                        s: b"tanh".to_vec(),
+                        r#type: candle_onnx::onnx::attribute_proto::AttributeType::String as i32,
+                        ..Default::default()
+                    }];
+                    n.splice(1..6, [g]);
+                }),
+            ),
+        ];
+        for (what, reason, m) in &fallback {
+            let why = m.engine_description();
+            assert!(
+                why.contains("not planned") && why.contains(reason),
+                "{what}: {why}"
+            );
+        }
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub enum Layer {
     },
     /// Elementwise `max(x, 0)`.
     Relu,
+    /// Elementwise `x/2 · (1 + erf(x/√2))` (PyTorch's `nn.GELU()`), written as the
+    /// `Div → Erf → Add → Mul → Mul` chain PyTorch exports at opset 13, since the `Gelu`
+    /// operator only exists from opset 20.
+    Gelu,
     /// Square max pooling without padding.
     MaxPool2d { kernel: usize, stride: usize },
     /// PyTorch's `AdaptiveAvgPool2d(out)` on a map of known size `in_h×in_w`: written as two
@@ -88,6 +92,7 @@ impl Layer {
             Layer::Normalize { .. } => "Normalize",
             Layer::Conv2d { .. } => "Conv2d",
             Layer::Relu => "Relu",
+            Layer::Gelu => "Gelu",
             Layer::MaxPool2d { .. } => "MaxPool2d",
             Layer::AdaptiveAvgPool2d { .. } => "AdaptiveAvgPool2d",
             Layer::Flatten => "Flatten",
@@ -146,7 +151,7 @@ impl Layer {
                     return fail(format!("empty pool {in_h}x{in_w} -> {out}x{out}"));
                 }
             }
-            Layer::Relu | Layer::MaxPool2d { .. } | Layer::Flatten => {}
+            Layer::Relu | Layer::Gelu | Layer::MaxPool2d { .. } | Layer::Flatten => {}
         }
         Ok(())
     }
@@ -267,6 +272,33 @@ pub fn build_model(spec: &GraphSpec) -> Result<ModelProto, WriteError> {
                 nodes.push(n);
             }
             Layer::Relu => nodes.push(node("Relu", name, vec![current.clone()], out.clone())),
+            Layer::Gelu => {
+                let mut k = |what: &str, v: f32| {
+                    let n = format!("{name}.{what}");
+                    initializers.push(tensor(&n, &[], &[v]));
+                    n
+                };
+                let (sqrt2, one, half) = (
+                    k("sqrt2", std::f32::consts::SQRT_2),
+                    k("one", 1.0),
+                    k("half", 0.5),
+                );
+                let v = |what: &str| format!("{name}.{what}");
+                let steps = [
+                    ("Div", vec![current.clone(), sqrt2], v("scaled")),
+                    ("Erf", vec![v("scaled")], v("erf")),
+                    ("Add", vec![v("erf"), one], v("erf_plus_one")),
+                    (
+                        "Mul",
+                        vec![current.clone(), v("erf_plus_one")],
+                        v("product"),
+                    ),
+                    ("Mul", vec![v("product"), half], out.clone()),
+                ];
+                for (i, (op, inputs, output)) in steps.into_iter().enumerate() {
+                    nodes.push(node(op, format!("{name}_{i}"), inputs, output));
+                }
+            }
             Layer::MaxPool2d { kernel, stride } => {
                 let mut n = node("MaxPool", name, vec![current.clone()], out.clone());
                 let (k, s) = (*kernel as i64, *stride as i64);
