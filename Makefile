@@ -180,7 +180,8 @@ $(VENV)/.ok: scripts/requirements.txt
 	touch $@
 
 # The same for a VGG16 transfer export (random backbone, mlp head, 64 px: the 3-channel input,
-# resize and the adaptive pool's upsampling MatMuls).
+# resize and the adaptive pool's upsampling MatMuls), and for a random six-conv GELU network
+# (examples/gelu_model.rs: GELU as the opset-13 Erf chain, on the planned executor).
 test-onnxruntime: build $(VENV)/.ok
 	$(TRAIN) eval --model $(MODEL) --data fixtures/sample.csv --logits-out target/candle-logits.json >/dev/null
 	$(VENV)/bin/python scripts/onnxruntime_agrees.py $(MODEL) fixtures/sample.csv target/candle-logits.json
@@ -191,6 +192,11 @@ test-onnxruntime: build $(VENV)/.ok
 	  --out target/ort-vgg/vgg.onnx --quiet
 	$(TRAIN) eval --model target/ort-vgg/vgg.onnx --data fixtures/sample.csv --logits-out target/ort-vgg/logits.json >/dev/null
 	$(VENV)/bin/python scripts/onnxruntime_agrees.py target/ort-vgg/vgg.onnx fixtures/sample.csv target/ort-vgg/logits.json
+	@mkdir -p target/ort-gelu
+	cargo run --release --quiet --example gelu_model -- target/ort-gelu/gelu.onnx
+	$(TRAIN) eval --model target/ort-gelu/gelu.onnx --data fixtures/sample.csv --logits-out target/ort-gelu/logits.json \
+	  | grep -q '^engine planned' || { echo "the GELU network did not run on the planned executor" >&2; exit 1; }
+	$(VENV)/bin/python scripts/onnxruntime_agrees.py target/ort-gelu/gelu.onnx fixtures/sample.csv target/ort-gelu/logits.json
 
 # Real third-party Open Inference Protocol clients (tritonclient[http,grpc] and kserve from
 # PyPI, in the project's venv) against a live server with its gRPC listener, compared with

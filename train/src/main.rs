@@ -670,9 +670,13 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         .model
         .extension()
         .map(|e| e.to_string_lossy().to_lowercase());
+    // Which runtime computed the logits, so that a check against another runtime says
+    // what it checked (the planned executor, or candle-onnx and why).
+    let mut engine = String::from("candle (the training graph)");
     let logits: Vec<Vec<f32>> = match ext.as_deref() {
         Some("onnx") => {
             let m = OnnxModel::load(&a.model)?.with_engine(a.engine.into());
+            engine = m.engine_description();
             onnx_logits(&m, &d, a.batch_size)?
         }
         Some("safetensors") => {
@@ -709,7 +713,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     let report = metrics::Report::new(&d.labels, &predictions(&logits));
     print_stdout(&format!(
-        "model {}\ndata  {}\n\n{}",
+        "model  {}\nengine {engine}\ndata   {}\n\n{}",
         a.model.display(),
         a.data.display(),
         report.table()
