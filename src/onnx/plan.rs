@@ -1780,6 +1780,24 @@ mod tests {
         proto
     }
 
+    /// Replaces the writer's five-node GELU chain (nodes 1..=5) with one opset-20 `Gelu`.
+    fn gelu_operator(n: &mut Vec<candle_onnx::onnx::NodeProto>, approximate: Option<&str>) {
+        let mut g = n[1].clone();
+        g.op_type = "Gelu".into();
+        g.input = vec![n[1].input[0].clone()];
+        g.output = n[5].output.clone();
+        g.attribute = approximate
+            .map(|a| candle_onnx::onnx::AttributeProto {
+                name: "approximate".into(),
+                s: a.as_bytes().to_vec(),
+                r#type: candle_onnx::onnx::attribute_proto::AttributeType::String as i32,
+                ..Default::default()
+            })
+            .into_iter()
+            .collect();
+        n.splice(1..6, [g]);
+    }
+
     /// GELU as the writer emits it, with its operands reordered the ways other exporters
     /// write them, and as the opset-20 `Gelu` operator: each is planned and agrees with
     /// candle-onnx; near misses and the tanh form fall back and say why.
@@ -1854,16 +1872,7 @@ mod tests {
                     k.raw_data = std::f32::consts::FRAC_1_SQRT_2.to_le_bytes().to_vec();
                 }),
             ),
-            (
-                "the Gelu operator",
-                edit(&|n, _| {
-                    let mut g = n[1].clone();
-                    g.op_type = "Gelu".into();
-                    g.input = vec![n[1].input[0].clone()];
-                    g.output = n[5].output.clone();
-                    n.splice(1..6, [g]);
-                }),
-            ),
+            ("the Gelu operator", edit(&|n, _| gelu_operator(n, None))),
         ];
         for (what, m) in &planned {
             assert!(
@@ -1888,19 +1897,7 @@ mod tests {
             (
                 "tanh approximation",
                 "tanh",
-                edit(&|n, _| {
-                    let mut g = n[1].clone();
-                    g.op_type = "Gelu".into();
-                    g.input = vec![n[1].input[0].clone()];
-                    g.output = n[5].output.clone();
-                    g.attribute = vec![candle_onnx::onnx::AttributeProto {
-                        name: "approximate".into(),
-                        s: b"tanh".to_vec(),
-                        r#type: candle_onnx::onnx::attribute_proto::AttributeType::String as i32,
-                        ..Default::default()
-                    }];
-                    n.splice(1..6, [g]);
-                }),
+                edit(&|n, _| gelu_operator(n, Some("tanh"))),
             ),
         ];
         for (what, reason, m) in &fallback {
