@@ -38,6 +38,18 @@ fn avx512() -> bool {
     }
 }
 
+/// The fp32 kernel path this CPU takes: `"avx512-fp32"` (the 12×32 register-blocked
+/// kernels, for widths that are multiples of 16) or `"portable-fp32"` (the `gemm` crate
+/// throughout). Training records it, since the path fixes the order of every sum and so the
+/// bits a seed gives.
+pub fn fp32_path() -> &'static str {
+    if avx512() {
+        "avx512-fp32"
+    } else {
+        "portable-fp32"
+    }
+}
+
 impl PackedB {
     pub fn new(plain: Vec<f32>, k: usize, n: usize) -> Self {
         Self::with_kernel(plain, k, n, true)

@@ -6,9 +6,9 @@
 //! least `--seconds` per row; nothing is estimated.
 
 use crate::data::Dataset;
+use crate::engine::Workspace;
 use crate::loader::{self, Augment};
 use crate::models::cnn::{Cnn, CnnConfig};
-use crate::models::cnn_step::Workspace;
 use crate::models::vgg::{formula_tensors, Vgg16, VggConfig};
 use crate::models::Classifier;
 use crate::optim::{AdamW, AdamWConfig};

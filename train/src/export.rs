@@ -93,4 +93,39 @@ pub(crate) mod tests {
             .unwrap()
             .contains("Ankle boot"));
     }
+
+    /// The six-convolution GELU network (odd-sided pooling is not needed: it pools 28 → 14 →
+    /// 7, then averages) exports to a file the planned executor runs, not the candle-onnx
+    /// fall-back, with the candle model's logits.
+    #[test]
+    fn six_conv_gelu_export_runs_on_the_planned_executor() {
+        use crate::engine::Act;
+        let data = crate::data::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/sample.csv"),
+        )
+        .unwrap()
+        .select(&(0..40).collect::<Vec<_>>());
+        let cfg = CnnConfig::six([8, 16, 32], Act::Gelu, 0.0);
+        let model = Cnn::new(cfg, &mut loader::rng(4, 0), &Device::Cpu).unwrap();
+        // Move the batch-norm running statistics off their initial values.
+        let xs = loader::make_batch(
+            &data,
+            &(0..16).collect::<Vec<_>>(),
+            model.layout(),
+            loader::Augment::None,
+            &mut loader::rng(0, 0),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for _ in 0..3 {
+            model
+                .forward_t(&xs.images, Some(&mut loader::rng(0, 0)))
+                .unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("six.onnx");
+        export(&model, &out, vec![]).unwrap();
+        let onnx = assert_onnx_matches(&model, &out, &data, 1e-4);
+        assert!(onnx.plan().is_some(), "{}", onnx.engine_description());
+    }
 }

@@ -4,6 +4,7 @@
 use crate::models::{flat, Params};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, Copy)]
@@ -88,12 +89,21 @@ impl AdamW {
             let mut m = flat(&self.m[i])?;
             let mut v = flat(&self.v[i])?;
             assert_eq!(g.len(), w.len(), "gradient size of parameter {i}");
-            for (((w, m), v), g) in w.iter_mut().zip(&mut m).zip(&mut v).zip(g) {
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                let update = (*m / bc1) / ((*v / bc2).sqrt() + eps);
-                *w = *w * decay - lr * update;
-            }
+            // Element-wise, so splitting it over threads changes no bit of the result (and
+            // run serially it leaves the other core idle between the step's parallel parts).
+            const CHUNK: usize = 1 << 14;
+            w.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((w, m), v), g)| {
+                    for (((w, m), v), g) in w.iter_mut().zip(m).zip(v).zip(g) {
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        let update = (*m / bc1) / ((*v / bc2).sqrt() + eps);
+                        *w = *w * decay - lr * update;
+                    }
+                });
             let (dev, shape) = (var.device(), var.shape());
             var.set(&Tensor::from_vec(w, shape, dev)?)?;
             self.m[i] = Tensor::from_vec(m, shape, dev)?;

@@ -276,17 +276,18 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
     let warmup = ((recipe.warmup_epochs * batches_per_epoch as f64) as usize).min(total_steps / 2);
     if !run.quiet {
         eprintln!(
-            "training {} ({} parameters) on {} images, validating on {}; {} epochs of {} batches; device {:?}",
+            "training {} ({} parameters) on {} images, validating on {}; {} epochs of {} batches; device {:?}, kernels {}",
             recipe.model,
             model.params().count(),
             train_rows.len(),
             val_rows.len(),
             recipe.epochs,
             batches_per_epoch,
-            run.device
+            run.device,
+            crate::engine::kernel_path(&run.device)
         );
     }
-    let mut workspace = crate::models::cnn_step::Workspace::default();
+    let mut workspace = crate::engine::Workspace::default();
     let plain_progress = !run.quiet && !std::io::stderr().is_terminal();
     let started = Instant::now();
     let elapsed_before = state.elapsed_seconds;
@@ -308,80 +309,99 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
         let epoch_start = Instant::now();
         let (mut loss_sum, mut seen) = (0.0f64, 0usize);
         let mut lr = 0.0;
-        for b in state.batch..batches_per_epoch {
-            if STOP.load(Ordering::SeqCst) {
-                bar.abandon();
-                state.batch = b;
-                state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-                save_checkpoint(&run.out, &model, &opt, &state)?;
-                return Ok(Outcome::Stopped {
-                    checkpoint: ckpt_js,
-                });
-            }
-            let rows =
-                &order[b * recipe.batch_size..((b + 1) * recipe.batch_size).min(order.len())];
-            // One random stream per batch: a run resumed mid-epoch draws exactly what an
-            // uninterrupted one would.
-            let mut r = loader::rng(
-                recipe.seed,
-                loader::streams::EPOCH_BASE + ((epoch as u64) << 32) + b as u64,
-            );
-            let batch = loader::make_batch(
-                run.data,
-                rows,
-                model.layout(),
-                recipe.augment,
-                &mut r,
-                &run.device,
-            )?;
-            lr = lr_at(state.step, total_steps, warmup, recipe.lr);
-            let l = if run.device.is_cpu() {
-                // The hand-written CPU step (models/cnn_step.rs): same function, same
-                // gradients, several times faster than autograd.
-                let (loss, grads) = model.cpu_train_step(
-                    &batch.images,
-                    &batch.labels,
-                    recipe.label_smoothing as f32,
-                    &mut r,
-                    &mut workspace,
-                )?;
-                opt.step_flat(model.params(), &grads, lr)?;
-                loss as f64
-            } else {
-                let logits = model.forward_t(&batch.images, Some(&mut r))?;
-                let loss = training_loss(&logits, &batch.labels, recipe.label_smoothing)?;
-                let grads = loss.backward()?;
-                opt.step(model.params(), &grads, lr)?;
-                loss.to_scalar::<f32>()? as f64
-            };
-            state.step += 1;
-            if !l.is_finite() {
-                bail!(
-                    "loss became {l} at epoch {} batch {b}; lower --lr",
-                    epoch + 1
+        let first = state.batch;
+        let stopped = std::thread::scope(|scope| -> Result<bool> {
+            // The batches are drawn and augmented on a thread of their own, one or two ahead
+            // of the step, so that work overlaps the step's serial parts instead of adding
+            // to them. Each batch comes with its random stream, whose rest the step's
+            // dropout draws from: the same numbers in the same order as without the thread.
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let (data, order, layout) = (run.data, &order, model.layout());
+            let (size, aug, seed) = (recipe.batch_size, recipe.augment, recipe.seed);
+            scope.spawn(move || {
+                for b in first..batches_per_epoch {
+                    let rows = &order[b * size..((b + 1) * size).min(order.len())];
+                    // One random stream per batch: a run resumed mid-epoch draws exactly
+                    // what an uninterrupted one would.
+                    let mut r = loader::rng(
+                        seed,
+                        loader::streams::EPOCH_BASE + ((epoch as u64) << 32) + b as u64,
+                    );
+                    let batch = loader::make_batch(data, rows, layout, aug, &mut r, &Device::Cpu);
+                    if tx.send((batch, r)).is_err() {
+                        return; // the loop stopped early
+                    }
+                }
+            });
+            for b in first..batches_per_epoch {
+                if STOP.load(Ordering::SeqCst) {
+                    bar.abandon();
+                    state.batch = b;
+                    return Ok(true);
+                }
+                let (batch, mut r) = rx.recv().context("the batch thread ended early")?;
+                let mut batch = batch?;
+                if !run.device.is_cpu() {
+                    batch.images = batch.images.to_device(&run.device)?;
+                    batch.labels = batch.labels.to_device(&run.device)?;
+                }
+                lr = lr_at(state.step, total_steps, warmup, recipe.lr);
+                let l = if run.device.is_cpu() {
+                    // The CPU training engine (engine/): same function, same
+                    // gradients, several times faster than autograd.
+                    let (loss, grads) = model.cpu_train_step(
+                        &batch.images,
+                        &batch.labels,
+                        recipe.label_smoothing as f32,
+                        &mut r,
+                        &mut workspace,
+                    )?;
+                    opt.step_flat(model.params(), &grads, lr)?;
+                    loss as f64
+                } else {
+                    let logits = model.forward_t(&batch.images, Some(&mut r))?;
+                    let loss = training_loss(&logits, &batch.labels, recipe.label_smoothing)?;
+                    let grads = loss.backward()?;
+                    opt.step(model.params(), &grads, lr)?;
+                    loss.to_scalar::<f32>()? as f64
+                };
+                state.step += 1;
+                if !l.is_finite() {
+                    bail!(
+                        "loss became {l} at epoch {} batch {b}; lower --lr",
+                        epoch + 1
+                    );
+                }
+                loss_sum += l * batch.len as f64;
+                seen += batch.len;
+                let secs = epoch_start.elapsed().as_secs_f64().max(1e-9);
+                let msg = format!(
+                    "loss {:.4} {:.0} img/s",
+                    loss_sum / seen as f64,
+                    seen as f64 / secs
                 );
+                // Without a terminal (CI, `make train > log`) the bar is hidden: print a plain
+                // progress line every ~10 % instead.
+                if plain_progress && (b + 1) % (batches_per_epoch / 10).max(1) == 0 {
+                    let eta = secs / (b + 1 - first) as f64 * (batches_per_epoch - b - 1) as f64;
+                    eprintln!(
+                        "  epoch {}/{} batch {}/{batches_per_epoch}: {msg}, ETA {eta:.0}s",
+                        epoch + 1,
+                        recipe.epochs,
+                        b + 1
+                    );
+                }
+                bar.set_message(msg);
+                bar.inc(1);
             }
-            loss_sum += l * batch.len as f64;
-            seen += batch.len;
-            let secs = epoch_start.elapsed().as_secs_f64().max(1e-9);
-            let msg = format!(
-                "loss {:.4} {:.0} img/s",
-                loss_sum / seen as f64,
-                seen as f64 / secs
-            );
-            // Without a terminal (CI, `make train > log`) the bar is hidden: print a plain
-            // progress line every ~10 % instead.
-            if plain_progress && (b + 1) % (batches_per_epoch / 10).max(1) == 0 {
-                let eta = secs / (b + 1 - state.batch) as f64 * (batches_per_epoch - b - 1) as f64;
-                eprintln!(
-                    "  epoch {}/{} batch {}/{batches_per_epoch}: {msg}, ETA {eta:.0}s",
-                    epoch + 1,
-                    recipe.epochs,
-                    b + 1
-                );
-            }
-            bar.set_message(msg);
-            bar.inc(1);
+            Ok(false)
+        })?;
+        if stopped {
+            state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
+            save_checkpoint(&run.out, &model, &opt, &state)?;
+            return Ok(Outcome::Stopped {
+                checkpoint: ckpt_js,
+            });
         }
         bar.finish_and_clear();
         let seconds = epoch_start.elapsed().as_secs_f64();

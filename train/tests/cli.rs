@@ -461,3 +461,75 @@ fn vgg16_transfer_trains_from_a_cache_evaluates_and_is_served() {
         fmnist::onnx::model::argmax(&logits[0])
     );
 }
+
+/// Where the golden weight hashes live: one per CPU kernel path.
+fn golden_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden_weights.json")
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string())
+}
+
+/// A short seeded run on the fixture must give the committed weights, bit for bit, for the
+/// kernel path this CPU takes (the `.json` records it as `cpu_path`): the hash changes
+/// whenever the numerics do, so an accidental change fails here. A path with no committed
+/// hash fails and says how to record one; a change made on purpose is re-recorded in the
+/// same commit (`FMNIST_RECORD_GOLDEN=1`), with the reason in the commit message.
+#[test]
+fn golden_weights_for_this_cpu_path() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("golden.onnx");
+    let o = run(&train_args(out.to_str().unwrap(), "2"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+    let path = info["cpu_path"]
+        .as_str()
+        .expect("the model's .json records cpu_path")
+        .to_string();
+    let weights = std::fs::read(out.with_extension("safetensors")).unwrap();
+    let sha = format!("{:x}", Sha256::digest(&weights));
+    let file = golden_file();
+    let mut golden: serde_json::Map<String, Value> =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    if std::env::var_os("FMNIST_RECORD_GOLDEN").is_some() {
+        golden.insert(
+            path.clone(),
+            serde_json::json!({ "sha256": sha, "recorded_on": cpu_model() }),
+        );
+        let text = serde_json::to_string_pretty(&golden).unwrap() + "\n";
+        std::fs::write(&file, text).unwrap();
+        eprintln!("recorded {sha} for {path} in {}", file.display());
+        return;
+    }
+    let record = format!(
+        "FMNIST_RECORD_GOLDEN=1 cargo test --release -p fmnist-train --test cli golden \
+         and commit {}",
+        file.display()
+    );
+    let Some(want) = golden.get(&path) else {
+        panic!(
+            "no golden weight hash for CPU path {path} (this CPU: {}); record one with: {record}",
+            cpu_model()
+        );
+    };
+    assert_eq!(
+        want["sha256"].as_str(),
+        Some(sha.as_str()),
+        "the weights of the seeded fixture run changed on CPU path {path} (committed hash \
+         recorded on {}, this CPU: {}). If the numerics changed on purpose, re-record with: \
+         {record}, and say why in the commit",
+        want["recorded_on"],
+        cpu_model()
+    );
+}

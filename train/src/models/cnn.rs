@@ -1,67 +1,217 @@
-//! The default model: a small CNN trained from scratch.
+//! The CNNs trained from scratch: 3×3 convolutions, each followed by batch-norm, an
+//! activation and optionally a 2×2 max-pool, then a classifier head.
 //!
-//! conv3×3(c1) → batch-norm → ReLU → maxpool2 → conv3×3(c2) → batch-norm → ReLU → maxpool2 →
-//! fc(hidden) → ReLU → dropout → fc(10). Input is 0–1 pixels; normalisation by the data set's
-//! mean and standard deviation is the first step of the graph, so the exported ONNX file takes
-//! raw 0–1 pixels. Batch-norm lets the network reach its accuracy in far fewer epochs; at
-//! export it is folded into the convolutions' weights and biases, so the ONNX graph is plain
-//! Conv/Relu/MaxPool/MatMul.
+//! - `cnn` (the shipped default): conv3×3(c1) → BN → ReLU → maxpool2 → conv3×3(c2) → BN →
+//!   ReLU → maxpool2 → fc(hidden) → ReLU → dropout → fc(10).
+//! - `six`: three blocks of two conv3×3 → BN → GELU, max-pool after the first two blocks,
+//!   global average pooling, fc(10) (the accuracy issue's six-convolution network).
 //!
-//! On the CPU the network runs in NHWC layout through the candle custom ops in `custom_ops.rs`; on other
-//! devices it runs candle's stock NCHW ops. Both read the same parameters, stored in the
-//! layout the CPU path wants: conv weights `[out, 3, 3, in]`, and fc1's input columns in
-//! (y, x, channel) order. Export permutes them to ONNX's `[out, in, 3, 3]` and (channel, y, x).
+//! Input is 0–1 pixels; normalisation by the data set's mean and standard deviation is the
+//! first step of the graph, so the exported ONNX file takes raw 0–1 pixels. Batch-norm lets
+//! the network reach its accuracy in far fewer epochs; at export it is folded into the
+//! convolutions' weights and biases, so the ONNX graph is plain Conv/Relu (or GELU)/MaxPool/
+//! MatMul.
+//!
+//! On the CPU, training steps run in the training engine (`crate::engine`), and inference runs
+//! in NHWC layout through the candle custom ops in `custom_ops.rs`; on other devices the
+//! network runs candle's stock NCHW ops with autograd. All read the same parameters, stored in
+//! the layout the CPU path wants: conv weights `[out, 3, 3, in]`, and the first fully
+//! connected layer's input columns in (y, x, channel) order. Export permutes them to ONNX's
+//! `[out, in, 3, 3]` and (channel, y, x).
 
-use super::custom_ops::{batch_norm_relu_stock, BatchNormRelu, BiasRelu, Im2Col3x3, MaxPool2x2};
-use super::{cnn_step, dropout, flat, Classifier, Params};
+use super::custom_ops::{batch_norm_act_stock, BatchNormRelu, BiasRelu, Im2Col3x3, MaxPool2x2};
+use super::{dropout, flat, Classifier, Params};
+use crate::engine::{self, Act, Layer as EngineLayer, Net};
 use candle_core::{Device, Result, Tensor, Var};
 use fmnist::onnx::Layer;
 use fmnist::preprocess::{InputLayout, FMNIST_MEAN, FMNIST_STD};
+use fmnist::NUM_CLASSES;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
-/// Sizes of the CNN.
+/// One 3×3 convolution of a [`CnnConfig`] (batch-norm and the activation follow it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvSpec {
+    /// Output channels.
+    pub width: usize,
+    /// A 2×2 max-pool (stride 2, odd sides floored) follows the activation.
+    pub pool: bool,
+}
+
+/// The shape of a CNN.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "ConfigFile")]
 pub struct CnnConfig {
-    pub conv1: usize,
-    pub conv2: usize,
+    /// The convolutions, in order.
+    pub convs: Vec<ConvSpec>,
+    /// The activation after every batch-norm.
+    pub act: Act,
+    /// Average each channel over the last feature map (else flatten it).
+    #[serde(default)]
+    pub gap: bool,
+    /// Width of the hidden fully connected layer (ReLU); 0 for none.
     pub hidden: usize,
+    /// Dropout before the output layer.
     pub dropout: f32,
+}
+
+/// What a recipe file may hold: today's form, or the two-convolution form of models trained
+/// before the architecture became a list (`weights/fmnist-cnn.json` among them).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ConfigFile {
+    Current {
+        convs: Vec<ConvSpec>,
+        act: Act,
+        #[serde(default)]
+        gap: bool,
+        hidden: usize,
+        dropout: f32,
+    },
+    TwoConv {
+        conv1: usize,
+        conv2: usize,
+        hidden: usize,
+        dropout: f32,
+    },
+}
+
+impl From<ConfigFile> for CnnConfig {
+    fn from(f: ConfigFile) -> Self {
+        match f {
+            ConfigFile::Current {
+                convs,
+                act,
+                gap,
+                hidden,
+                dropout,
+            } => CnnConfig {
+                convs,
+                act,
+                gap,
+                hidden,
+                dropout,
+            },
+            ConfigFile::TwoConv {
+                conv1,
+                conv2,
+                hidden,
+                dropout,
+            } => CnnConfig::two_conv(conv1, conv2, hidden, dropout),
+        }
+    }
 }
 
 impl Default for CnnConfig {
     fn default() -> Self {
-        Self {
-            conv1: 32,
-            conv2: 96,
-            hidden: 128,
-            dropout: 0.1,
+        Self::two_conv(32, 96, 128, 0.1)
+    }
+}
+
+impl CnnConfig {
+    /// The `cnn` architecture: two pooled ReLU convolutions, a hidden layer, dropout.
+    pub fn two_conv(conv1: usize, conv2: usize, hidden: usize, dropout: f32) -> Self {
+        let pooled = |width| ConvSpec { width, pool: true };
+        CnnConfig {
+            convs: vec![pooled(conv1), pooled(conv2)],
+            act: Act::Relu,
+            gap: false,
+            hidden,
+            dropout,
         }
+    }
+
+    /// The `six` architecture: three blocks of two convolutions of `widths[i]` channels,
+    /// max-pool after the first two blocks, global average pooling, no hidden layer.
+    pub fn six(widths: [usize; 3], act: Act, dropout: f32) -> Self {
+        let mut convs = Vec::new();
+        for (i, width) in widths.into_iter().enumerate() {
+            convs.push(ConvSpec { width, pool: false });
+            convs.push(ConvSpec { width, pool: i < 2 });
+        }
+        CnnConfig {
+            convs,
+            act,
+            gap: true,
+            hidden: 0,
+            dropout,
+        }
+    }
+
+    /// Side and channels of the last feature map.
+    fn feature_map(&self) -> (usize, usize) {
+        let side = self
+            .convs
+            .iter()
+            .fold(28, |s, c| if c.pool { s / 2 } else { s });
+        (side, self.convs.last().map_or(1, |c| c.width))
+    }
+
+    /// Inputs of the first fully connected layer.
+    fn features(&self) -> usize {
+        let (side, c) = self.feature_map();
+        if self.gap {
+            c
+        } else {
+            side * side * c
+        }
+    }
+
+    /// The network as the CPU training engine's layers.
+    pub fn engine_layers(&self) -> Vec<EngineLayer> {
+        let mut l = Vec::new();
+        for c in &self.convs {
+            l.push(EngineLayer::Conv3x3 { cout: c.width });
+            l.push(EngineLayer::BnAct {
+                act: self.act,
+                pool: c.pool,
+            });
+        }
+        if self.gap {
+            l.push(EngineLayer::GlobalAvgPool);
+        }
+        if self.hidden > 0 {
+            l.push(EngineLayer::Linear {
+                outputs: self.hidden,
+                relu: true,
+            });
+        }
+        if self.dropout > 0.0 {
+            l.push(EngineLayer::Dropout { p: self.dropout });
+        }
+        l.push(EngineLayer::Linear {
+            outputs: NUM_CLASSES,
+            relu: false,
+        });
+        l
     }
 }
 
 const BN_EPS: f32 = 1e-5;
 const BN_MOMENTUM: f32 = 0.1;
 
-/// A 3×3 convolution without bias followed by batch-norm (whose shift plays the bias).
+/// A 3×3 convolution without bias followed by batch-norm (whose shift plays the bias) and
+/// the activation.
 struct ConvBn {
     weight: Var,
     gamma: Var,
     beta: Var,
     running_mean: Var,
     running_var: Var,
+    act: Act,
+    pool: bool,
 }
 
 impl ConvBn {
     fn new(
         p: &mut Params,
         name: &str,
-        cin: usize,
-        cout: usize,
+        (cin, spec, act): (usize, ConvSpec, Act),
         r: &mut ChaCha8Rng,
         dev: &Device,
     ) -> Result<Self> {
+        let cout = spec.width;
         Ok(Self {
             weight: p.uniform(
                 &format!("{name}.weight"),
@@ -74,6 +224,8 @@ impl ConvBn {
             beta: p.zeros(&format!("{name}.bn.bias"), &[cout], dev)?,
             running_mean: p.buffer(&format!("{name}.bn.running_mean"), &[cout], 0.0, dev)?,
             running_var: p.buffer(&format!("{name}.bn.running_var"), &[cout], 1.0, dev)?,
+            act,
+            pool: spec.pool,
         })
     }
 
@@ -86,19 +238,21 @@ impl ConvBn {
         Ok((scale, shift))
     }
 
-    /// Batch-norm + ReLU on conv output rows `[M, C]` (NHWC). Training uses the batch
+    /// Batch-norm + activation on conv output rows `[M, C]` (NHWC). Training uses the batch
     /// statistics and updates the running ones; inference uses the running ones.
-    fn bn_relu(&self, rows: &Tensor, train: bool) -> Result<Tensor> {
+    fn bn_act(&self, rows: &Tensor, train: bool) -> Result<Tensor> {
+        let relu_kernel = rows.device().is_cpu() && self.act == Act::Relu;
         if !train {
             let (scale, shift) = self.inference_affine()?;
-            return if rows.device().is_cpu() {
-                rows.broadcast_mul(&scale)?.apply_op2(&shift, BiasRelu)
-            } else {
-                rows.broadcast_mul(&scale)?.broadcast_add(&shift)?.relu()
+            let u = rows.broadcast_mul(&scale)?;
+            return match self.act {
+                Act::Relu if relu_kernel => u.apply_op2(&shift, BiasRelu),
+                Act::Relu => u.broadcast_add(&shift)?.relu(),
+                Act::Gelu => u.broadcast_add(&shift)?.gelu_erf(),
             };
         }
         let m = rows.dim(0)?;
-        let (y, mean, var) = if rows.device().is_cpu() {
+        let (y, mean, var) = if relu_kernel {
             let op = BatchNormRelu {
                 eps: BN_EPS,
                 stats: Default::default(),
@@ -114,7 +268,7 @@ impl ConvBn {
             )
         } else {
             let (y, mean, var) =
-                batch_norm_relu_stock(rows, &self.gamma, &self.beta, BN_EPS as f64)?;
+                batch_norm_act_stock(rows, &self.gamma, &self.beta, BN_EPS as f64, self.act)?;
             (y, mean.detach(), var.detach())
         };
         self.update_running(&mean, &var, m)?;
@@ -133,7 +287,7 @@ impl ConvBn {
         Ok(())
     }
 
-    /// Convolution + batch-norm + ReLU in NHWC with fmnist's kernels.
+    /// Convolution + batch-norm + activation (+ pool) in NHWC with fmnist's kernels.
     fn forward_nhwc(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let (n, h, w, _) = xs.dims4()?;
         let (o, k) = (
@@ -143,42 +297,70 @@ impl ConvBn {
         let rows = xs
             .apply_op1(Im2Col3x3)?
             .matmul(&self.weight.reshape((o, k))?.t()?)?;
-        self.bn_relu(&rows, train)?.reshape((n, h, w, o))
+        let ys = self.bn_act(&rows, train)?.reshape((n, h, w, o))?;
+        if self.pool {
+            ys.apply_op1(MaxPool2x2)
+        } else {
+            Ok(ys)
+        }
     }
 
-    /// The same with candle's stock NCHW convolution.
+    /// The same with candle's stock NCHW ops.
     fn forward_nchw(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let ys = xs.conv2d(&weight_nchw(&self.weight)?, 1, 1, 1, 1)?;
         let (n, c, h, w) = ys.dims4()?;
         let rows = ys.permute((0, 2, 3, 1))?.reshape((n * h * w, c))?;
-        self.bn_relu(&rows, train)?
+        let ys = self
+            .bn_act(&rows, train)?
             .reshape((n, h, w, c))?
-            .permute((0, 3, 1, 2))
+            .permute((0, 3, 1, 2))?;
+        if self.pool {
+            ys.max_pool2d(2)
+        } else {
+            Ok(ys)
+        }
     }
 
-    /// The ONNX convolution with batch-norm folded in: `w·s`, bias `β − μ·s`.
-    fn export(&self) -> Result<Layer> {
+    /// The ONNX layers: the convolution with batch-norm folded in (`w·s`, bias `β − μ·s`),
+    /// the activation, the pool.
+    fn export(&self) -> Result<Vec<Layer>> {
         let (scale, shift) = self.inference_affine()?;
         let w = weight_nchw(&self.weight)?;
         let w = w.broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
         let d = w.dims();
-        Ok(Layer::Conv2d {
-            weight: flat(&w)?,
-            shape: [d[0], d[1], d[2], d[3]],
-            bias: flat(&shift)?,
-            stride: 1,
-            padding: 1,
-        })
+        let mut out = vec![
+            Layer::Conv2d {
+                weight: flat(&w)?,
+                shape: [d[0], d[1], d[2], d[3]],
+                bias: flat(&shift)?,
+                stride: 1,
+                padding: 1,
+            },
+            match self.act {
+                Act::Relu => Layer::Relu,
+                Act::Gelu => Layer::Gelu,
+            },
+        ];
+        if self.pool {
+            out.push(Layer::MaxPool2d {
+                kernel: 2,
+                stride: 2,
+            });
+        }
+        Ok(out)
     }
 }
 
 pub struct Cnn {
     cfg: CnnConfig,
     params: Params,
-    conv1: ConvBn,
-    conv2: ConvBn,
-    fc1: (Var, Var),
-    fc2: (Var, Var),
+    /// The same network as a list of the CPU training engine's layers.
+    net: Net,
+    convs: Vec<ConvBn>,
+    /// The hidden layer, when the recipe has one.
+    fc1: Option<(Var, Var)>,
+    /// The output layer.
+    out: (Var, Var),
 }
 
 /// He-uniform bound for a layer feeding a ReLU.
@@ -196,72 +378,116 @@ impl Params {
 }
 
 impl Cnn {
+    /// A freshly initialised network. Parameters are named `conv1.…`, `conv2.…`, …, then
+    /// `fc1.*` (the hidden layer) and `fc2.*` (the output layer), or `fc.*` for the output
+    /// layer of a network without a hidden one.
     pub fn new(cfg: CnnConfig, r: &mut ChaCha8Rng, device: &Device) -> Result<Self> {
+        if cfg.convs.is_empty() || cfg.convs.iter().any(|c| c.width == 0) {
+            candle_core::bail!("a CNN needs at least one convolution, each with channels");
+        }
         let mut p = Params::default();
-        let flat_in = cfg.conv2 * 7 * 7;
-        let conv1 = ConvBn::new(&mut p, "conv1", 1, cfg.conv1, r, device)?;
-        let conv2 = ConvBn::new(&mut p, "conv2", cfg.conv1, cfg.conv2, r, device)?;
-        let fc1 = (
-            p.uniform("fc1.weight", &[cfg.hidden, flat_in], he(flat_in), r, device)?,
-            p.zeros("fc1.bias", &[cfg.hidden], device)?,
-        );
+        let mut convs = Vec::new();
+        let mut cin = 1;
+        for (i, spec) in cfg.convs.iter().enumerate() {
+            let name = format!("conv{}", i + 1);
+            convs.push(ConvBn::new(
+                &mut p,
+                &name,
+                (cin, *spec, cfg.act),
+                r,
+                device,
+            )?);
+            cin = spec.width;
+        }
+        let feat = cfg.features();
+        let (fc1, out_in, out_name) = if cfg.hidden > 0 {
+            let fc1 = (
+                p.uniform("fc1.weight", &[cfg.hidden, feat], he(feat), r, device)?,
+                p.zeros("fc1.bias", &[cfg.hidden], device)?,
+            );
+            (Some(fc1), cfg.hidden, "fc2")
+        } else {
+            (None, feat, "fc")
+        };
         // The output layer is not followed by a ReLU: Glorot-style bound.
-        let out_bound = (6.0 / (cfg.hidden + 10) as f32).sqrt();
-        let fc2 = (
-            p.uniform("fc2.weight", &[10, cfg.hidden], out_bound, r, device)?,
-            p.zeros("fc2.bias", &[10], device)?,
+        let out_bound = (6.0 / (out_in + NUM_CLASSES) as f32).sqrt();
+        let out = (
+            p.uniform(
+                &format!("{out_name}.weight"),
+                &[NUM_CLASSES, out_in],
+                out_bound,
+                r,
+                device,
+            )?,
+            p.zeros(&format!("{out_name}.bias"), &[NUM_CLASSES], device)?,
         );
+        let net = Net::new(
+            28,
+            1,
+            (1.0 / FMNIST_STD, -FMNIST_MEAN / FMNIST_STD),
+            &cfg.engine_layers(),
+            NUM_CLASSES,
+            BN_EPS,
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("CNN {cfg:?}: {e}")))?;
         Ok(Self {
             cfg,
             params: p,
-            conv1,
-            conv2,
+            net,
+            convs,
             fc1,
-            fc2,
+            out,
         })
     }
 
-    /// fc1's weight with its input columns in NCHW-flatten order (channel, y, x).
-    fn fc1_nchw(&self) -> Result<Tensor> {
-        let (hidden, c) = (self.cfg.hidden, self.cfg.conv2);
-        self.fc1
-            .0
-            .reshape((hidden, 7, 7, c))?
+    /// The first fully connected layer's weight `[out, features]`, with its input columns in
+    /// NCHW-flatten order (channel, y, x) when it reads a flattened feature map.
+    fn first_fc_nchw(&self, w: &Tensor) -> Result<Tensor> {
+        if self.cfg.gap {
+            return Ok(w.clone());
+        }
+        let (side, c) = self.cfg.feature_map();
+        let outputs = w.dim(0)?;
+        w.reshape((outputs, side, side, c))?
             .permute((0, 3, 1, 2))?
-            .reshape((hidden, c * 49))
+            .reshape((outputs, c * side * side))
     }
 
-    /// The NHWC path with fmnist's CPU kernels.
-    fn features_cpu(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let b = xs.dim(0)?;
-        // [B,1,28,28] and [B,28,28,1] share one memory layout.
-        let xs = xs.reshape((b, 28, 28, 1))?;
-        let xs = self.conv1.forward_nhwc(&xs, train)?.apply_op1(MaxPool2x2)?;
-        let xs = self.conv2.forward_nhwc(&xs, train)?.apply_op1(MaxPool2x2)?;
-        let xs = xs.reshape((b, 49 * self.cfg.conv2))?;
-        xs.matmul(&self.fc1.0.t()?)?
-            .apply_op2(&self.fc1.1, BiasRelu)
+    /// The fully connected head on `[B, features]`: the hidden layer (ReLU), dropout during
+    /// training, the output layer. `fc1_w` is the hidden layer's weight in the order `xs`
+    /// uses, `out_w` the output layer's.
+    fn head(
+        &self,
+        xs: &Tensor,
+        (fc1_w, out_w): (Option<&Tensor>, &Tensor),
+        cpu: bool,
+        train: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        if let (Some((_, b)), Some(w)) = (&self.fc1, fc1_w) {
+            let h = xs.matmul(&w.t()?)?;
+            xs = if cpu {
+                h.apply_op2(b, BiasRelu)?
+            } else {
+                h.broadcast_add(b)?.relu()?
+            };
+        }
+        if let Some(r) = train {
+            xs = dropout(&xs, self.cfg.dropout, r)?;
+        }
+        linear(&xs, out_w, &self.out.1)
     }
 
-    /// candle's stock NCHW ops, for devices other than the CPU (and as the tests' reference).
-    fn features_stock(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let xs = self.conv1.forward_nchw(xs, train)?.max_pool2d(2)?;
-        let xs = self.conv2.forward_nchw(&xs, train)?.max_pool2d(2)?;
-        let xs = xs.flatten_from(1)?;
-        linear(&xs, &self.fc1_nchw()?, &self.fc1.1)?.relu()
-    }
-
-    /// One training step on the CPU through the hand-written forward and backward pass
-    /// ([`cnn_step`]): returns the mean loss and the gradients in `params().vars()` order,
-    /// and updates the batch-norm running statistics. `r` supplies the dropout mask, as
-    /// `forward_t` would draw it.
+    /// One training step on the CPU through the training engine ([`engine`]): returns the
+    /// mean loss and the gradients in `params().vars()` order, and updates the batch-norm
+    /// running statistics. `r` supplies the dropout mask, as `forward_t` would draw it.
     pub fn cpu_train_step(
         &self,
         images: &Tensor,
         labels: &Tensor,
         smoothing: f32,
         r: &mut ChaCha8Rng,
-        ws: &mut cnn_step::Workspace,
+        ws: &mut engine::Workspace,
     ) -> Result<(f32, Vec<Vec<f32>>)> {
         let flat_params = self
             .params
@@ -271,21 +497,14 @@ impl Cnn {
             .collect::<Result<Vec<_>>>()?;
         let images = flat(images)?;
         let labels = labels.to_vec1::<u32>()?;
-        let batch = cnn_step::Batch {
+        let batch = engine::Batch {
             images: &images,
             labels: &labels,
             smoothing,
         };
-        let out = cnn_step::train_step(
-            &self.cfg,
-            &cnn_step::Weights::from_flat(&flat_params),
-            &batch,
-            BN_EPS,
-            r,
-            ws,
-        );
-        let dev = self.conv1.weight.device().clone();
-        for (layer, (m, mean, var)) in [&self.conv1, &self.conv2].into_iter().zip(out.batch_stats) {
+        let out = self.net.step(&flat_params, &batch, r, ws);
+        let dev = self.out.0.device().clone();
+        for (layer, (m, mean, var)) in self.convs.iter().zip(out.batch_stats) {
             let c = mean.len();
             layer.update_running(
                 &Tensor::from_vec(mean, c, &dev)?,
@@ -296,6 +515,8 @@ impl Cnn {
         Ok((out.loss, out.grads))
     }
 
+    /// Logits for `xs` (`[B, 1, 28, 28]`, 0–1 pixels). `train` carries the dropout stream
+    /// during training; `stock` runs candle's stock NCHW ops instead of the CPU custom ops.
     pub fn forward_with(
         &self,
         xs: &Tensor,
@@ -304,15 +525,40 @@ impl Cnn {
     ) -> Result<Tensor> {
         let xs = xs.affine(1.0 / FMNIST_STD as f64, -(FMNIST_MEAN / FMNIST_STD) as f64)?;
         let training = train.is_some();
-        let mut xs = if stock {
-            self.features_stock(&xs, training)?
-        } else {
-            self.features_cpu(&xs, training)?
-        };
-        if let Some(r) = train {
-            xs = dropout(&xs, self.cfg.dropout, r)?;
+        let b = xs.dim(0)?;
+        let fc1_w = self.fc1.as_ref().map(|(w, _)| w.as_tensor());
+        if stock {
+            let mut xs = xs;
+            for c in &self.convs {
+                xs = c.forward_nchw(&xs, training)?;
+            }
+            let xs = if self.cfg.gap {
+                xs.mean(3)?.mean(2)?
+            } else {
+                xs.flatten_from(1)?
+            };
+            return match fc1_w {
+                Some(w) => {
+                    let w = self.first_fc_nchw(w)?;
+                    self.head(&xs, (Some(&w), self.out.0.as_tensor()), false, train)
+                }
+                None => {
+                    let w = self.first_fc_nchw(self.out.0.as_tensor())?;
+                    self.head(&xs, (None, &w), false, train)
+                }
+            };
         }
-        linear(&xs, &self.fc2.0, &self.fc2.1)
+        // [B,1,28,28] and [B,28,28,1] share one memory layout.
+        let mut xs = xs.reshape((b, 28, 28, 1))?;
+        for c in &self.convs {
+            xs = c.forward_nhwc(&xs, training)?;
+        }
+        let xs = if self.cfg.gap {
+            xs.mean(2)?.mean(1)?
+        } else {
+            xs.flatten_from(1)?
+        };
+        self.head(&xs, (fc1_w, self.out.0.as_tensor()), true, train)
     }
 }
 
@@ -348,28 +594,34 @@ impl Classifier for Cnn {
                 bias: flat(b)?,
             })
         };
-        Ok(vec![
-            Layer::Normalize {
-                mean: vec![FMNIST_MEAN],
-                std: vec![FMNIST_STD],
-            },
-            self.conv1.export()?,
-            Layer::Relu,
-            Layer::MaxPool2d {
-                kernel: 2,
-                stride: 2,
-            },
-            self.conv2.export()?,
-            Layer::Relu,
-            Layer::MaxPool2d {
-                kernel: 2,
-                stride: 2,
-            },
-            Layer::Flatten,
-            linear(&self.fc1_nchw()?, &self.fc1.1)?,
-            Layer::Relu,
-            linear(&self.fc2.0, &self.fc2.1)?,
-        ])
+        let mut layers = vec![Layer::Normalize {
+            mean: vec![FMNIST_MEAN],
+            std: vec![FMNIST_STD],
+        }];
+        for c in &self.convs {
+            layers.extend(c.export()?);
+        }
+        if self.cfg.gap {
+            let (side, _) = self.cfg.feature_map();
+            layers.push(Layer::AdaptiveAvgPool2d {
+                in_h: side,
+                in_w: side,
+                out: 1,
+            });
+        }
+        layers.push(Layer::Flatten);
+        match &self.fc1 {
+            Some((w, b)) => {
+                layers.push(linear(&self.first_fc_nchw(w.as_tensor())?, b)?);
+                layers.push(Layer::Relu);
+                layers.push(linear(&self.out.0, &self.out.1)?);
+            }
+            None => layers.push(linear(
+                &self.first_fc_nchw(self.out.0.as_tensor())?,
+                &self.out.1,
+            )?),
+        }
+        Ok(layers)
     }
 }
 
@@ -431,7 +683,13 @@ mod tests {
             }
         }
         // Running statistics moved, identically on both paths.
-        let rm = |m: &Cnn| m.conv2.running_mean.as_tensor().to_vec1::<f32>().unwrap();
+        let rm = |m: &Cnn| {
+            m.convs[1]
+                .running_mean
+                .as_tensor()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         assert!(rm(&a_model).iter().any(|v| *v != 0.0));
         let d = rm(&a_model)
             .iter()
@@ -461,5 +719,91 @@ mod tests {
         let stock = model.forward_with(&input(3), None, true).unwrap();
         let diff = max_diff(&ours, &stock);
         assert!(diff < 1e-4, "{diff}");
+    }
+
+    /// The CNN's engine step gives the loss, gradients and running statistics of its own
+    /// candle forward pass under autograd (the path other devices train on), with dropout
+    /// and label smoothing, at the shipped widths and at odd ones.
+    #[test]
+    fn engine_step_matches_autograd() {
+        let dev = Device::Cpu;
+        let odd = CnnConfig::two_conv(16, 48, 33, 0.5);
+        let six = CnnConfig::six([8, 16, 32], Act::Gelu, 0.2);
+        for (i, (cfg, n, s)) in [
+            (CnnConfig::default(), 17, 0.0),
+            (odd, 9, 0.2),
+            (six, 5, 0.1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = 100 + i as u64;
+            let a = Cnn::new(cfg.clone(), &mut rng(seed, 1), &dev).unwrap();
+            let b = Cnn::new(cfg.clone(), &mut rng(seed, 1), &dev).unwrap();
+            let (images, labels) = crate::engine::tests::batch(n, seed);
+            let xs = Tensor::from_vec(images, (n, 1, 28, 28), &dev).unwrap();
+            let ys = Tensor::from_vec(labels, n, &dev).unwrap();
+            let logits = a.forward_with(&xs, Some(&mut rng(seed, 3)), false).unwrap();
+            let loss = crate::train::training_loss(&logits, &ys, s as f64).unwrap();
+            let grads = loss.backward().unwrap();
+            let loss_a = loss.to_scalar::<f32>().unwrap();
+            let mut ws = crate::engine::Workspace::default();
+            let (loss_b, grads_b) = b
+                .cpu_train_step(&xs, &ys, s, &mut rng(seed, 3), &mut ws)
+                .unwrap();
+            assert!(
+                (loss_a - loss_b).abs() <= 1e-5 * loss_a.abs().max(1.0),
+                "case {i}: loss {loss_a} vs {loss_b}"
+            );
+            for ((name, v), gb) in a.params().vars().iter().zip(&grads_b) {
+                let ga = grads.get(v).unwrap();
+                let gb = Tensor::from_vec(gb.clone(), ga.shape(), &dev).unwrap();
+                let scale = max_abs(ga).max(1e-6);
+                let d = max_diff(ga, &gb);
+                assert!(
+                    d / scale < 1e-4,
+                    "case {i}: {name} gradient differs by {d} (scale {scale})"
+                );
+            }
+            let (ta, tb) = (a.params().tensors(), b.params().tensors());
+            for name in ["conv1.bn.running_mean", "conv2.bn.running_var"] {
+                // (every conv has them; the first two stand for all)
+                let d = max_diff(&ta[name], &tb[name]);
+                assert!(
+                    d <= 1e-5 * max_abs(&ta[name]).max(1.0),
+                    "case {i}: {name} differs by {d}"
+                );
+            }
+        }
+    }
+
+    /// The six-convolution GELU network: the CPU custom-op path and candle's stock ops give
+    /// the same logits, in training (batch statistics, same dropout draws) and at inference.
+    #[test]
+    fn six_conv_cpu_path_matches_stock_ops() {
+        let dev = Device::Cpu;
+        let cfg = CnnConfig::six([8, 16, 24], Act::Gelu, 0.2);
+        let a = Cnn::new(cfg.clone(), &mut rng(6, 2), &dev).unwrap();
+        let b = Cnn::new(cfg, &mut rng(6, 2), &dev).unwrap();
+        for train in [true, false] {
+            let (mut r1, mut r2) = (rng(5, 5), rng(5, 5));
+            let x = a.forward_with(&input(6), train.then_some(&mut r1), false);
+            let y = b.forward_with(&input(6), train.then_some(&mut r2), true);
+            let diff = max_diff(&x.unwrap(), &y.unwrap());
+            assert!(diff < 1e-3, "train={train}: logits differ by {diff}");
+        }
+        assert!(a.params().tensors().contains_key("fc.weight"));
+        assert!(a.params().tensors().contains_key("conv6.bn.running_var"));
+    }
+
+    /// Recipes written before the architecture became a list still load, as the same CNN.
+    #[test]
+    fn two_conv_recipes_still_load() {
+        let old = r#"{"conv1": 32, "conv2": 96, "hidden": 128, "dropout": 0.1}"#;
+        let cfg: CnnConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(cfg, CnnConfig::default());
+        let text = serde_json::to_string(&CnnConfig::six([32, 64, 128], Act::Gelu, 0.0)).unwrap();
+        let back: CnnConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, CnnConfig::six([32, 64, 128], Act::Gelu, 0.0));
     }
 }

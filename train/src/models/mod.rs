@@ -1,7 +1,6 @@
 //! Models that fmnist trains, behind one small trait, and the parameter store they share.
 
 pub mod cnn;
-pub mod cnn_step;
 pub mod custom_ops;
 pub mod vgg;
 
