@@ -110,6 +110,30 @@ struct BenchVggArgs {
     head_epochs: usize,
 }
 
+/// `train --convs`: the parsed list.
+#[derive(Debug, Clone)]
+struct ConvList(Vec<models::cnn::ConvSpec>);
+
+fn parse_convs(text: &str) -> std::result::Result<ConvList, String> {
+    let specs = text
+        .split(',')
+        .map(|item| {
+            let item = item.trim();
+            let (width, pool) = match item.strip_suffix('p') {
+                Some(w) => (w, true),
+                None => (item, false),
+            };
+            match width.parse::<usize>() {
+                Ok(width) if width > 0 => Ok(models::cnn::ConvSpec { width, pool }),
+                _ => Err(format!(
+                    "'{item}' is not a convolution: a width of at least 1, optionally followed by 'p' (pool), e.g. 32p,64,64p"
+                )),
+            }
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(ConvList(specs))
+}
+
 /// The CNN architectures `train --arch` offers (see `models/cnn.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Arch {
@@ -201,6 +225,11 @@ struct TrainArgs {
     /// --arch six: width of the convolutions of each of the three blocks.
     #[arg(long, default_values_t = [32, 64, 128], num_args = 3, value_names = ["W1", "W2", "W3"])]
     six_widths: Vec<usize>,
+    /// cnn: the convolutions, replacing --arch's (its head stays): widths separated by
+    /// commas, a 'p' after a width adds a 2×2 max-pool after that convolution. '32p,96p' is
+    /// --arch two's default; '32p,64,64p' adds a convolution at 14×14.
+    #[arg(long, value_parser = parse_convs, value_name = "SPEC")]
+    convs: Option<ConvList>,
     /// cnn: the activation after each batch-norm [default: relu for two, gelu for six].
     #[arg(long, value_enum)]
     act: Option<engine::Act>,
@@ -355,7 +384,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         Some(p) => Some(load_data(p, None)?),
         None => None,
     };
-    let recipe = train::Recipe {
+    let mut recipe = train::Recipe {
         model: a.model.clone(),
         cnn: match a.arch {
             Arch::Two => {
@@ -383,6 +412,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         val_fraction: a.val_fraction,
         seed: a.seed,
     };
+    if let Some(ConvList(convs)) = &a.convs {
+        recipe.cnn.convs = convs.clone();
+    }
     let dev_used = dev.clone();
     let run = train::TrainRun {
         data: &d,

@@ -10,7 +10,9 @@
 
 use crate::models::custom_ops::{batch_stats, ordered_sums};
 use fmnist::kernels::activation::{gelu, gelu_grad};
-use fmnist::kernels::{conv_bias_act, outer_sum, sgemm_strided, Mat, PackedB, Windows};
+use fmnist::kernels::{
+    conv_bias_act, matmul_bias_act, outer_sum, sgemm_strided, Mat, PackedB, Windows,
+};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -558,6 +560,12 @@ fn bn_act_pool_backward_with<A: Activation>(
 // ---- fully connected ----
 
 /// Forward: `y = x · wᵀ + b` over `n` rows, `w` being `[outputs, inputs]`, then ReLU if asked.
+///
+/// Through the project's kernel (`kernels::matmul_bias_act`, rows split over threads), not
+/// the `gemm` crate: `gemm` sizes its blocks of the summed dimension from the CPU's cache
+/// sizes, so with thousands of inputs (the CNN's first fully connected layer reads 4,704) two
+/// CPUs on the same kernel path would sum in different orders and train different bits. The
+/// AVX-512 kernel sums each output in one fixed order on every CPU that has it.
 pub fn linear(
     x: &[f32],
     w: &[f32],
@@ -568,25 +576,24 @@ pub fn linear(
     y: &mut Vec<f32>,
 ) {
     sized(y, n * outputs);
-    sgemm_strided(
-        n,
-        outputs,
-        inputs,
-        Mat::rows(x, inputs),
-        Mat::transposed(w, inputs),
-        y,
-        outputs,
-        threads(inputs, outputs),
-    );
-    for row in y.chunks_exact_mut(outputs) {
-        if relu {
-            row.iter_mut()
-                .zip(b)
-                .for_each(|(v, b)| *v = (*v + b).max(0.0));
-        } else {
-            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+    let mut wt = vec![0f32; inputs * outputs];
+    for (o, row) in w.chunks_exact(inputs).enumerate() {
+        for (i, v) in row.iter().enumerate() {
+            wt[i * outputs + o] = *v;
         }
     }
+    let packed = PackedB::new(wt, inputs, outputs);
+    let rows = if threads(inputs, outputs) {
+        n.div_ceil(2 * rayon::current_num_threads()).max(1)
+    } else {
+        n
+    };
+    y[..n * outputs]
+        .par_chunks_mut(rows * outputs)
+        .zip(x[..n * inputs].par_chunks(rows * inputs))
+        .for_each(|(y, x)| {
+            matmul_bias_act(x, y.len() / outputs, &packed, b, relu, y);
+        });
 }
 
 /// Whether a layer's products are worth splitting over rayon's threads.
