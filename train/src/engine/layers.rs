@@ -576,24 +576,40 @@ pub fn linear(
     y: &mut Vec<f32>,
 ) {
     sized(y, n * outputs);
-    let mut wt = vec![0f32; inputs * outputs];
-    for (o, row) in w.chunks_exact(inputs).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            wt[i * outputs + o] = *v;
+    // Large layers: each thread takes a band of output columns (whole 16-column panels), so
+    // it streams only its share of the weights, which stays in its core's cache across the
+    // row blocks. Small ones: one call.
+    let per_band = if threads(inputs, outputs) && outputs.is_multiple_of(16) {
+        let bands = rayon::current_num_threads().min(outputs / 16);
+        (outputs / 16).div_ceil(bands) * 16
+    } else {
+        outputs
+    };
+    let cols: Vec<(usize, usize)> = (0..outputs)
+        .step_by(per_band)
+        .map(|c0| (c0, (c0 + per_band).min(outputs)))
+        .collect();
+    let parts: Vec<Vec<f32>> = cols
+        .par_iter()
+        .map(|&(c0, c1)| {
+            let width = c1 - c0;
+            let mut wt = vec![0f32; inputs * width];
+            for (o, row) in w.chunks_exact(inputs).skip(c0).take(width).enumerate() {
+                for (i, v) in row.iter().enumerate() {
+                    wt[i * width + o] = *v;
+                }
+            }
+            let packed = PackedB::new(wt, inputs, width);
+            let mut part = vec![0f32; n * width];
+            matmul_bias_act(&x[..n * inputs], n, &packed, &b[c0..c1], relu, &mut part);
+            part
+        })
+        .collect();
+    for (&(c0, c1), part) in cols.iter().zip(&parts) {
+        for (row, src) in y.chunks_exact_mut(outputs).zip(part.chunks_exact(c1 - c0)) {
+            row[c0..c1].copy_from_slice(src);
         }
     }
-    let packed = PackedB::new(wt, inputs, outputs);
-    let rows = if threads(inputs, outputs) {
-        n.div_ceil(2 * rayon::current_num_threads()).max(1)
-    } else {
-        n
-    };
-    y[..n * outputs]
-        .par_chunks_mut(rows * outputs)
-        .zip(x[..n * inputs].par_chunks(rows * inputs))
-        .for_each(|(y, x)| {
-            matmul_bias_act(x, y.len() / outputs, &packed, b, relu, y);
-        });
 }
 
 /// Whether a layer's products are worth splitting over rayon's threads.
