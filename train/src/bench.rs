@@ -80,56 +80,80 @@ pub fn run(b: &BenchKernels) -> Result<()> {
     Ok(())
 }
 
-/// One optimizer step of the shipped recipe (CNN 32-96-128 with batch-norm, batch 128, AdamW,
-/// flips and shifts): forward, loss, backward, update.
+/// One optimizer step (forward, loss, backward, AdamW) at batch 128 with flips and shifts: the
+/// shipped CNN recipe through candle's autograd (stock ops, fmnist's custom ops) and through
+/// the training engine, then the six-convolution GELU network (`train --arch six`, the network
+/// `scripts/bench_pytorch.py --net six` builds) through autograd and the engine.
 fn training_step(b: &BenchKernels) -> Result<()> {
-    println!("\n[training step] shipped CNN recipe, batch 128 (forward + backward + AdamW)");
     let dev = Device::Cpu;
     let rows: Vec<usize> = (0..128).map(|i| i % b.data.len()).collect();
-    // None: the hand-written step; Some(stock): autograd over candle's stock ops or over
-    // fmnist's custom ops.
-    for (label, autograd) in [
-        ("candle stock conv2d/max_pool2d (NCHW)", Some(true)),
+    let six = CnnConfig::six([32, 64, 128], crate::engine::Act::Gelu, 0.0);
+    // None: the engine; Some(stock): autograd over candle's stock ops or over fmnist's custom
+    // ops.
+    /// A network's title, its shape, and its rows: label and step implementation.
+    type Rows<'a> = (&'a str, CnnConfig, Vec<(&'a str, Option<bool>)>);
+    let rows_of: [Rows; 2] = [
         (
-            "fmnist kernels (NHWC im2col+GEMM, fused BN+ReLU, pool)",
-            Some(false),
+            "shipped CNN recipe 32-96-128",
+            CnnConfig::default(),
+            vec![
+                ("candle stock conv2d/max_pool2d (NCHW)", Some(true)),
+                (
+                    "fmnist kernels (NHWC im2col+GEMM, fused BN+ReLU, pool)",
+                    Some(false),
+                ),
+                ("fmnist training engine (what `train` runs)", None),
+            ],
         ),
         (
-            "fmnist hand-written step (no autograd; what `train` runs)",
-            None,
+            "six-conv GELU 32/64/128 (--arch six)",
+            six,
+            vec![
+                ("candle autograd (fmnist custom ops + GELU)", Some(false)),
+                ("fmnist training engine (what `train` runs)", None),
+            ],
         ),
-    ] {
-        let model = Cnn::new(CnnConfig::default(), &mut loader::rng(1, 1), &dev)?;
-        let mut opt = AdamW::new(model.params(), AdamWConfig::default())?;
-        let mut r = loader::rng(1, 2);
-        let mut ws = Workspace::default();
-        let times = timed(b.seconds, 3, || {
-            let batch = loader::make_batch(
-                b.data,
-                &rows,
-                model.layout(),
-                Augment::FlipShift,
-                &mut r,
-                &dev,
-            )?;
-            match autograd {
-                Some(stock) => {
-                    let logits = model.forward_with(&batch.images, Some(&mut r), stock)?;
-                    let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
-                    opt.step(model.params(), &loss.backward()?, 1e-3)?;
+    ];
+    for (title, cfg, variants) in rows_of {
+        println!("\n[training step] {title}, batch 128 (forward + backward + AdamW)");
+        for (label, autograd) in variants {
+            let model = Cnn::new(cfg.clone(), &mut loader::rng(1, 1), &dev)?;
+            let mut opt = AdamW::new(model.params(), AdamWConfig::default())?;
+            let mut r = loader::rng(1, 2);
+            let mut ws = Workspace::default();
+            let times = timed(b.seconds, 3, || {
+                let batch = loader::make_batch(
+                    b.data,
+                    &rows,
+                    model.layout(),
+                    Augment::FlipShift,
+                    &mut r,
+                    &dev,
+                )?;
+                match autograd {
+                    Some(stock) => {
+                        let logits = model.forward_with(&batch.images, Some(&mut r), stock)?;
+                        let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
+                        opt.step(model.params(), &loss.backward()?, 1e-3)?;
+                    }
+                    None => {
+                        let (_, grads) = model.cpu_train_step(
+                            &batch.images,
+                            &batch.labels,
+                            0.0,
+                            &mut r,
+                            &mut ws,
+                        )?;
+                        opt.step_flat(model.params(), &grads, 1e-3)?;
+                    }
                 }
-                None => {
-                    let (_, grads) =
-                        model.cpu_train_step(&batch.images, &batch.labels, 0.0, &mut r, &mut ws)?;
-                    opt.step_flat(model.params(), &grads, 1e-3)?;
-                }
-            }
-            Ok(())
-        })?;
-        println!(
-            "  {label:<58} {:>8.0} img/s",
-            per_second(&times, rows.len())
-        );
+                Ok(())
+            })?;
+            println!(
+                "  {label:<58} {:>8.0} img/s",
+                per_second(&times, rows.len())
+            );
+        }
     }
     Ok(())
 }

@@ -206,6 +206,11 @@ struct TrainArgs {
     /// Label smoothing: share of each target spread evenly over the ten classes.
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f64,
+    /// cnn: export an exponential moving average of the weights with this decay (e.g. 0.999)
+    /// instead of the last weights; batch-norm statistics are then recomputed for it on 100
+    /// training batches. 0: off.
+    #[arg(long, default_value_t = 0.0)]
+    ema: f64,
     /// Share of the training file held out (stratified) for the per-epoch validation line.
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
@@ -409,6 +414,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         warmup_epochs: a.warmup_epochs,
         augment: a.augment,
         label_smoothing: a.label_smoothing,
+        ema: a.ema,
         val_fraction: a.val_fraction,
         seed: a.seed,
     };
@@ -441,11 +447,12 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     let (ckpt_st, ckpt_js) = train::checkpoint_paths(&out);
     let state: train::CheckpointState = serde_json::from_slice(&std::fs::read(&ckpt_js)?)?;
+    // Nothing that varies between runs (times) goes into the model file: the same seed, data
+    // and kernel path give the same file, SHA-256 included. The .json keeps the times.
     let summary = serde_json::json!({
         "recipe": state.recipe,
         "train_data_sha256": data_sha,
         "train_images": d.len(),
-        "training_seconds": seconds,
         "final_val_accuracy": history.last().and_then(|h| h.val_accuracy),
     });
     export::export(

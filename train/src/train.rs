@@ -5,7 +5,7 @@ use crate::data::Dataset;
 use crate::loader::{self, Augment};
 use crate::models::cnn::{Cnn, CnnConfig};
 use crate::models::Classifier;
-use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::optim::{lr_at, AdamW, AdamWConfig, Ema};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -39,6 +39,10 @@ pub struct Recipe {
     pub label_smoothing: f64,
     pub val_fraction: f64,
     pub seed: u64,
+    /// Decay of the exponential moving average of the weights that is exported (0: the last
+    /// weights are exported). With an average, batch-norm statistics are recomputed for it.
+    #[serde(default)]
+    pub ema: f64,
 }
 
 /// Cross-entropy with optional label smoothing: `(1-ε)·NLL + ε·mean over classes of -log p`.
@@ -118,12 +122,15 @@ pub fn save_tensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Re
 fn save_checkpoint(
     out: &Path,
     model: &dyn Classifier,
-    opt: &AdamW,
+    (opt, ema): (&AdamW, Option<&Ema>),
     state: &CheckpointState,
 ) -> Result<()> {
     let (st, js) = checkpoint_paths(out);
     let mut tensors = model.params().tensors();
     tensors.extend(opt.state(model.params()));
+    if let Some(ema) = ema {
+        tensors.extend(ema.state(model.params())?);
+    }
     save_tensors_atomic(&st, &tensors)?;
     let json = serde_json::to_vec_pretty(state)?;
     fmnist::onnx::writer::write_atomic(&js, &json)
@@ -164,6 +171,34 @@ fn validate(model: &dyn Classifier, data: &Dataset, device: &Device) -> Result<(
         .sum_all()?
         .to_scalar::<f32>()? as f64;
     Ok((loss, correct / data.len() as f64))
+}
+
+/// Batches [`recalibrate_bn`] runs.
+const RECALIBRATION_BATCHES: usize = 100;
+
+/// Recomputes the batch-norm running statistics for the model's current weights (after the
+/// weight average replaced them): [`RECALIBRATION_BATCHES`] batches of `rows`, un-augmented
+/// (cycled if fewer), through the network in training mode, without updates. The running
+/// averages (momentum 0.1) then weigh what came before by 0.9¹⁰⁰ ≈ 3·10⁻⁵.
+pub fn recalibrate_bn(
+    model: &dyn Classifier,
+    data: &Dataset,
+    rows: &[usize],
+    batch_size: usize,
+    device: &Device,
+) -> Result<()> {
+    let mut r = loader::rng(0, 0);
+    let cycled: Vec<usize> = rows
+        .iter()
+        .copied()
+        .cycle()
+        .take(RECALIBRATION_BATCHES * batch_size)
+        .collect();
+    for chunk in cycled.chunks(batch_size) {
+        let b = loader::make_batch(data, chunk, model.layout(), Augment::None, &mut r, device)?;
+        model.forward_t(&b.images, Some(&mut r))?;
+    }
+    Ok(())
 }
 
 pub struct TrainRun<'a> {
@@ -243,6 +278,9 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
             recipe.label_smoothing
         );
     }
+    if !(0.0..1.0).contains(&recipe.ema) {
+        bail!("--ema must be in [0, 1), got {}", recipe.ema);
+    }
     if !(0.0..1.0).contains(&recipe.val_fraction) {
         bail!(
             "--val-fraction must be in [0, 1), got {}",
@@ -258,9 +296,17 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
             ..Default::default()
         },
     )?;
+    let mut ema = if recipe.ema > 0.0 {
+        Some(Ema::new(model.params(), recipe.ema)?)
+    } else {
+        None
+    };
     if let Some(t) = &saved {
         model.params().assign(t, &ckpt_st)?;
         opt.restore(model.params(), t, state.step)?;
+        if let Some(ema) = &mut ema {
+            ema.restore(model.params(), t)?;
+        }
     }
 
     let (train_rows, val_rows) = loader::split(run.data, recipe.val_fraction, recipe.seed);
@@ -366,6 +412,9 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
                     loss.to_scalar::<f32>()? as f64
                 };
                 state.step += 1;
+                if let Some(ema) = &mut ema {
+                    ema.update(model.params(), state.step)?;
+                }
                 if !l.is_finite() {
                     bail!(
                         "loss became {l} at epoch {} batch {b}; lower --lr",
@@ -398,7 +447,7 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
         })?;
         if stopped {
             state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-            save_checkpoint(&run.out, &model, &opt, &state)?;
+            save_checkpoint(&run.out, &model, (&opt, ema.as_ref()), &state)?;
             return Ok(Outcome::Stopped {
                 checkpoint: ckpt_js,
             });
@@ -448,7 +497,19 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
         state.epoch += 1;
         state.batch = 0;
         state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
-        save_checkpoint(&run.out, &model, &opt, &state)?;
+        save_checkpoint(&run.out, &model, (&opt, ema.as_ref()), &state)?;
+    }
+    if let Some(ema) = &ema {
+        ema.assign_to(model.params())?;
+        let rows = loader::epoch_order(&train_rows, recipe.seed, recipe.epochs);
+        recalibrate_bn(&model, run.data, &rows, recipe.batch_size, &run.device)?;
+        if !run.quiet && !val.is_empty() {
+            let (l, a) = validate(&model, &val, &run.device)?;
+            eprintln!(
+                "weight average (decay {}), batch-norm statistics recomputed: val loss {l:.4} val acc {a:.4}",
+                recipe.ema
+            );
+        }
     }
     Ok(Outcome::Finished {
         model: Box::new(model),

@@ -159,10 +159,21 @@ fn trains_on_the_fixture_and_evaluates_the_exported_model() {
 fn same_seed_same_weights_and_resume_after_ctrl_c_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.onnx");
-    let b = dir.path().join("b.onnx");
+    // Same file name in another folder: the graph is named after the file.
+    std::fs::create_dir(dir.path().join("b")).unwrap();
+    let b = dir.path().join("b").join("a.onnx");
     let c = dir.path().join("c.onnx");
+    // With a weight average (--ema), whose state the checkpoint must carry too.
+    let args_for = |p: &Path| {
+        let mut v = train_args(
+            Box::leak(p.to_str().unwrap().to_string().into_boxed_str()),
+            "6",
+        );
+        v.extend(["--ema", "0.9"]);
+        v
+    };
     for p in [&a, &b] {
-        let o = run(&train_args(p.to_str().unwrap(), "6"));
+        let o = run(&args_for(p));
         assert!(o.status.success(), "{}", stderr(&o));
     }
     let weights = |p: &Path| std::fs::read(p.with_extension("safetensors")).unwrap();
@@ -171,9 +182,13 @@ fn same_seed_same_weights_and_resume_after_ctrl_c_is_exact() {
         weights(&b),
         "same seed and data gave different weights"
     );
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+        "same seed and data gave different ONNX files"
+    );
 
     // Interrupt a run with SIGINT, then resume it: the result equals the uninterrupted run.
-    let mut args = train_args(c.to_str().unwrap(), "6");
+    let mut args = args_for(&c);
     args.retain(|a| *a != "--quiet");
     let mut child = bin().args(&args).stderr(Stdio::piped()).spawn().unwrap();
     let err = child.stderr.take().unwrap();
@@ -204,11 +219,11 @@ fn same_seed_same_weights_and_resume_after_ctrl_c_is_exact() {
     assert!(!c.exists(), "no final model before the run completes");
 
     // Without --resume the checkpoint is protected.
-    let o = run(&train_args(c.to_str().unwrap(), "6"));
+    let o = run(&args_for(&c));
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--resume"));
 
-    let mut args = train_args(c.to_str().unwrap(), "6");
+    let mut args = args_for(&c);
     args.push("--resume");
     let o = run(&args);
     assert!(o.status.success(), "{}", stderr(&o));
