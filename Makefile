@@ -180,8 +180,9 @@ $(VENV)/.ok: scripts/requirements.txt
 	touch $@
 
 # The same for a VGG16 transfer export (random backbone, mlp head, 64 px: the 3-channel input,
-# resize and the adaptive pool's upsampling MatMuls), and for a random six-conv GELU network
-# (examples/gelu_model.rs: GELU as the opset-13 Erf chain, on the planned executor).
+# resize and the adaptive pool's upsampling MatMuls), for a random six-conv GELU network
+# (examples/gelu_model.rs: GELU as the opset-13 Erf chain, on the planned executor), and for a
+# `train --arch six` export (one epoch on the fixture: GELU, global average pooling).
 test-onnxruntime: build $(VENV)/.ok
 	$(TRAIN) eval --model $(MODEL) --data fixtures/sample.csv --logits-out target/candle-logits.json >/dev/null
 	$(VENV)/bin/python scripts/onnxruntime_agrees.py $(MODEL) fixtures/sample.csv target/candle-logits.json
@@ -197,6 +198,11 @@ test-onnxruntime: build $(VENV)/.ok
 	$(TRAIN) eval --model target/ort-gelu/gelu.onnx --data fixtures/sample.csv --logits-out target/ort-gelu/logits.json \
 	  | grep -q '^engine planned' || { echo "the GELU network did not run on the planned executor" >&2; exit 1; }
 	$(VENV)/bin/python scripts/onnxruntime_agrees.py target/ort-gelu/gelu.onnx fixtures/sample.csv target/ort-gelu/logits.json
+	@rm -f target/ort-six/six.ckpt.*
+	$(TRAIN) train --arch six --data fixtures/sample.csv --epochs 1 --batch-size 32 --out target/ort-six/six.onnx --quiet
+	$(TRAIN) eval --model target/ort-six/six.onnx --data fixtures/sample.csv --logits-out target/ort-six/logits.json \
+	  | grep -q '^engine planned' || { echo "the six-conv network did not run on the planned executor" >&2; exit 1; }
+	$(VENV)/bin/python scripts/onnxruntime_agrees.py target/ort-six/six.onnx fixtures/sample.csv target/ort-six/logits.json
 
 # Real third-party Open Inference Protocol clients (tritonclient[http,grpc] and kserve from
 # PyPI, in the project's venv) against a live server with its gRPC listener, compared with

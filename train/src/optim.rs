@@ -131,20 +131,27 @@ impl AdamW {
     ) -> anyhow::Result<()> {
         for (i, (name, var)) in params.vars().iter().enumerate() {
             for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
-                let key = format!("adam.{kind}.{name}");
-                let t = from
-                    .get(&key)
-                    .ok_or_else(|| anyhow::anyhow!("checkpoint lacks optimizer state '{key}'"))?;
-                anyhow::ensure!(
-                    t.dims() == var.dims(),
-                    "optimizer state '{key}' has the wrong shape"
-                );
+                let t = saved(from, &format!("adam.{kind}.{name}"), var, "optimizer state")?;
                 *slot = t.to_device(var.device())?;
             }
         }
         self.step = step;
         Ok(())
     }
+}
+
+/// Checkpoint tensor `key`, which must have `var`'s shape; `what` names it in errors.
+fn saved<'a>(
+    from: &'a HashMap<String, Tensor>,
+    key: &str,
+    var: &candle_core::Var,
+    what: &str,
+) -> anyhow::Result<&'a Tensor> {
+    let t = from
+        .get(key)
+        .ok_or_else(|| anyhow::anyhow!("checkpoint lacks {what} '{key}'"))?;
+    anyhow::ensure!(t.dims() == var.dims(), "{what} '{key}' has the wrong shape");
+    Ok(t)
 }
 
 /// An exponential moving average of the parameters: `shadow = d·shadow + (1 − d)·w` after every
@@ -208,15 +215,7 @@ impl Ema {
         from: &HashMap<String, Tensor>,
     ) -> anyhow::Result<()> {
         for (s, (name, var)) in self.shadow.iter_mut().zip(params.vars()) {
-            let key = format!("ema.{name}");
-            let t = from
-                .get(&key)
-                .ok_or_else(|| anyhow::anyhow!("checkpoint lacks the weight average '{key}'"))?;
-            anyhow::ensure!(
-                t.dims() == var.dims(),
-                "weight average '{key}' has the wrong shape"
-            );
-            *s = flat(t)?;
+            *s = flat(saved(from, &format!("ema.{name}"), var, "weight average")?)?;
         }
         Ok(())
     }
