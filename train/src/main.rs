@@ -431,7 +431,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         device: dev,
         quiet: a.quiet,
     };
-    let (model, history, seconds) = match train::train(&run, recipe)? {
+    let (model, history, seconds, ema_val_accuracy) = match train::train(&run, recipe)? {
         train::Outcome::Stopped { checkpoint } => {
             eprintln!(
                 "stopped; progress saved in {}. Run the same command with --resume to continue.",
@@ -443,7 +443,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             model,
             history,
             seconds,
-        } => (model, history, seconds),
+            ema_val_accuracy,
+        } => (model, history, seconds, ema_val_accuracy),
     };
     let (ckpt_st, ckpt_js) = train::checkpoint_paths(&out);
     let state: train::CheckpointState = serde_json::from_slice(&std::fs::read(&ckpt_js)?)?;
@@ -453,7 +454,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         "recipe": state.recipe,
         "train_data_sha256": data_sha,
         "train_images": d.len(),
-        "final_val_accuracy": history.last().and_then(|h| h.val_accuracy),
+        // Of the weights the file holds: the average's when there is one.
+        "final_val_accuracy": ema_val_accuracy.or(history.last().and_then(|h| h.val_accuracy)),
     });
     export::export(
         model.as_ref(),

@@ -217,6 +217,9 @@ pub enum Outcome {
         model: Box<Cnn>,
         history: Vec<EpochSummary>,
         seconds: f64,
+        /// Validation accuracy of the exported weights when they are the weight average (the
+        /// history's last line measured the last weights).
+        ema_val_accuracy: Option<f64>,
     },
     Stopped {
         checkpoint: PathBuf,
@@ -499,21 +502,26 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
         state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
         save_checkpoint(&run.out, &model, (&opt, ema.as_ref()), &state)?;
     }
+    let mut ema_val_accuracy = None;
     if let Some(ema) = &ema {
         ema.assign_to(model.params())?;
         let rows = loader::epoch_order(&train_rows, recipe.seed, recipe.epochs);
         recalibrate_bn(&model, run.data, &rows, recipe.batch_size, &run.device)?;
-        if !run.quiet && !val.is_empty() {
+        if !val.is_empty() {
             let (l, a) = validate(&model, &val, &run.device)?;
-            eprintln!(
-                "weight average (decay {}), batch-norm statistics recomputed: val loss {l:.4} val acc {a:.4}",
-                recipe.ema
-            );
+            ema_val_accuracy = Some(a);
+            if !run.quiet {
+                eprintln!(
+                    "weight average (decay {}), batch-norm statistics recomputed: val loss {l:.4} val acc {a:.4}",
+                    recipe.ema
+                );
+            }
         }
     }
     Ok(Outcome::Finished {
         model: Box::new(model),
         history: state.history,
         seconds: elapsed_before + started.elapsed().as_secs_f64(),
+        ema_val_accuracy,
     })
 }

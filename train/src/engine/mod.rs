@@ -31,12 +31,14 @@ use rand_chacha::ChaCha8Rng;
 
 /// The kernel path a training step on `device` runs, which fixes the order of every sum and
 /// so the bits a seed gives: `"avx512-fp32"` or `"portable-fp32"` on the CPU (this engine),
-/// `"candle-<device>"` elsewhere (candle's ops with autograd).
-pub fn kernel_path(device: &candle_core::Device) -> String {
+/// `"candle-cuda"` or `"candle-metal"` elsewhere (candle's ops with autograd).
+pub fn kernel_path(device: &candle_core::Device) -> &'static str {
     if device.is_cpu() {
-        fmnist::kernels::fp32_path().to_string()
+        fmnist::kernels::fp32_path()
+    } else if device.is_cuda() {
+        "candle-cuda"
     } else {
-        format!("candle-{device:?}").to_lowercase()
+        "candle-metal"
     }
 }
 

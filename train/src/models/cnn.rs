@@ -453,6 +453,17 @@ impl Cnn {
             .reshape((outputs, c * side * side))
     }
 
+    /// The hidden layer's weight (if any) and the output layer's, with whichever reads the
+    /// feature map taking its columns in NCHW-flatten order: what candle's stock NCHW path and
+    /// the ONNX graph multiply by.
+    fn fc_weights_nchw(&self) -> Result<(Option<Tensor>, Tensor)> {
+        let out = self.out.0.as_tensor();
+        Ok(match &self.fc1 {
+            Some((w, _)) => (Some(self.first_fc_nchw(w)?), out.clone()),
+            None => (None, self.first_fc_nchw(out)?),
+        })
+    }
+
     /// The fully connected head on `[B, features]`: the hidden layer (ReLU), dropout during
     /// training, the output layer. `fc1_w` is the hidden layer's weight in the order `xs`
     /// uses, `out_w` the output layer's.
@@ -526,7 +537,6 @@ impl Cnn {
         let xs = xs.affine(1.0 / FMNIST_STD as f64, -(FMNIST_MEAN / FMNIST_STD) as f64)?;
         let training = train.is_some();
         let b = xs.dim(0)?;
-        let fc1_w = self.fc1.as_ref().map(|(w, _)| w.as_tensor());
         if stock {
             let mut xs = xs;
             for c in &self.convs {
@@ -537,16 +547,8 @@ impl Cnn {
             } else {
                 xs.flatten_from(1)?
             };
-            return match fc1_w {
-                Some(w) => {
-                    let w = self.first_fc_nchw(w)?;
-                    self.head(&xs, (Some(&w), self.out.0.as_tensor()), false, train)
-                }
-                None => {
-                    let w = self.first_fc_nchw(self.out.0.as_tensor())?;
-                    self.head(&xs, (None, &w), false, train)
-                }
-            };
+            let (fc1_w, out_w) = self.fc_weights_nchw()?;
+            return self.head(&xs, (fc1_w.as_ref(), &out_w), false, train);
         }
         // [B,1,28,28] and [B,28,28,1] share one memory layout.
         let mut xs = xs.reshape((b, 28, 28, 1))?;
@@ -558,6 +560,7 @@ impl Cnn {
         } else {
             xs.flatten_from(1)?
         };
+        let fc1_w = self.fc1.as_ref().map(|(w, _)| w.as_tensor());
         self.head(&xs, (fc1_w, self.out.0.as_tensor()), true, train)
     }
 }
@@ -610,17 +613,12 @@ impl Classifier for Cnn {
             });
         }
         layers.push(Layer::Flatten);
-        match &self.fc1 {
-            Some((w, b)) => {
-                layers.push(linear(&self.first_fc_nchw(w.as_tensor())?, b)?);
-                layers.push(Layer::Relu);
-                layers.push(linear(&self.out.0, &self.out.1)?);
-            }
-            None => layers.push(linear(
-                &self.first_fc_nchw(self.out.0.as_tensor())?,
-                &self.out.1,
-            )?),
+        let (fc1_w, out_w) = self.fc_weights_nchw()?;
+        if let (Some(w), Some((_, b))) = (fc1_w, &self.fc1) {
+            layers.push(linear(&w, b)?);
+            layers.push(Layer::Relu);
         }
+        layers.push(linear(&out_w, &self.out.1)?);
         Ok(layers)
     }
 }
