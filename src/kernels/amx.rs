@@ -11,7 +11,7 @@
 //! that state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), without which the
 //! first tile instruction faults. If any is missing the callers fall back.
 
-use super::bf16::{tiled, Bf16Rows, PackedBf16, Tiles};
+use super::bf16::{tiled, PackedBf16, TileSource, Tiles};
 use std::arch::asm;
 use std::arch::x86_64::__cpuid_count;
 
@@ -84,8 +84,8 @@ const CONFIG: Config = Config {
 ///
 /// # Safety
 /// [`available`] must have returned true.
-pub(super) unsafe fn gemm_rows(
-    a: &Bf16Rows,
+pub(super) unsafe fn gemm_rows<A: TileSource>(
+    a: &A,
     b: &PackedBf16,
     r0: usize,
     rows: usize,

@@ -105,9 +105,41 @@ impl Bf16Rows {
     }
 }
 
+/// A left operand that [`tiled`] reads in 16-row × 32-value tiles: a padded matrix
+/// ([`Bf16Rows`]) or a convolution's windows read in place ([`Windows`], [`TapRows`]).
+///
+/// # Safety
+/// For every `row` that is a multiple of 16 below `⌈rows()/16⌉·16` and every `kc` below
+/// `chunks()`, `tile(row, kc)` returns a pointer and a stride (in values) from which 16 rows of
+/// 32 values are readable.
+pub(super) unsafe trait TileSource: Sync {
+    /// Rows of the product.
+    fn rows(&self) -> usize;
+    /// Depth in chunks of 32 values.
+    fn chunks(&self) -> usize;
+    /// Where the tile of rows `row ..` and depths `kc·32 ..` starts, and its row stride.
+    fn tile(&self, row: usize, kc: usize) -> (*const u16, usize);
+}
+
+// SAFETY: `data` holds ⌈m/16⌉·16 rows of k_pad = chunks·32 values (`fill`).
+unsafe impl TileSource for Bf16Rows {
+    fn rows(&self) -> usize {
+        self.m
+    }
+    fn chunks(&self) -> usize {
+        self.k_pad / TILE_K
+    }
+    fn tile(&self, row: usize, kc: usize) -> (*const u16, usize) {
+        (
+            self.data[row * self.k_pad + kc * TILE_K..].as_ptr(),
+            self.k_pad,
+        )
+    }
+}
+
 /// `b[k×n]` in bf16, packed as `⌈n/16⌉` panels of `k_pad/2` pair-rows × 16 columns × 2
 /// values (zero outside the matrix).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PackedBf16 {
     k: usize,
     n: usize,
@@ -118,6 +150,15 @@ pub struct PackedBf16 {
 impl PackedBf16 {
     /// Rounds and packs a row-major `k × n` fp32 matrix.
     pub fn new(b: &[f32], k: usize, n: usize) -> Self {
+        let mut p = PackedBf16::default();
+        p.fill(b, k, n);
+        p
+    }
+
+    /// Repacks in place (the training step keeps the buffer). Every pair-row is written whole,
+    /// zeros included, so nothing of the previous contents survives. Large matrices are packed
+    /// on rayon's threads, 16 pair-rows a task.
+    pub fn fill(&mut self, b: &[f32], k: usize, n: usize) {
         assert!(
             b.len() >= k * n,
             "PackedBf16: {k}×{n} does not fit in {}",
@@ -125,16 +166,46 @@ impl PackedBf16 {
         );
         let k_pad = round_up(k.max(1), TILE_K);
         let panels = n.div_ceil(TILE_M);
-        let mut data = vec![0u16; panels * k_pad * TILE_M];
-        for r in 0..k {
-            for j in 0..n {
-                data[Self::index(k_pad, r, j)] = to_bf16(b[r * n + j]);
+        (self.k, self.n, self.k_pad) = (k, n, k_pad);
+        self.data.resize(panels * k_pad * TILE_M, 0);
+        let pairs_per_panel = k_pad / 2;
+        const PAIRS: usize = 16;
+        let pack = |(t, chunk): (usize, &mut [u16])| {
+            let g = t * PAIRS;
+            let (panel, kp0) = (g / pairs_per_panel, g % pairs_per_panel);
+            let c0 = panel * TILE_M;
+            let width = (n - c0).min(TILE_M);
+            for (i, pair) in chunk.chunks_exact_mut(2 * TILE_M).enumerate() {
+                for h in 0..2 {
+                    let row = 2 * (kp0 + i) + h;
+                    let src = if row < k {
+                        &b[row * n + c0..row * n + c0 + width]
+                    } else {
+                        &[]
+                    };
+                    for j in 0..TILE_M {
+                        pair[j * 2 + h] = src.get(j).map_or(0, |&v| to_bf16(v));
+                    }
+                }
             }
+        };
+        // k_pad/2 is a multiple of 16, so no task straddles two panels.
+        if k * n >= PARALLEL_VALUES {
+            self.data
+                .par_chunks_mut(PAIRS * 2 * TILE_M)
+                .with_min_len(8)
+                .enumerate()
+                .for_each(pack);
+        } else {
+            self.data
+                .chunks_mut(PAIRS * 2 * TILE_M)
+                .enumerate()
+                .for_each(pack);
         }
-        PackedBf16 { k, n, k_pad, data }
     }
 
     /// Where element `(r, j)` lives.
+    #[cfg(test)]
     fn index(k_pad: usize, r: usize, j: usize) -> usize {
         let (panel, col) = (j / TILE_M, j % TILE_M);
         panel * k_pad * TILE_M + (r / 2) * 2 * TILE_M + col * 2 + (r % 2)
@@ -244,28 +315,68 @@ pub fn gemm_bf16(
         "gemm_bf16: {} is not available here",
         path.name()
     );
-    let run = |r0: usize, c: &mut [f32]| {
-        let rows = (m - r0).min(ROWS_PER_TASK);
-        match path {
-            Bf16Path::Emulated => tiled(&mut Emulated::default(), a, b, r0, rows, c, ldc),
-            // SAFETY: `supported()` checked the CPU (and AMX permission) above.
-            #[cfg(target_arch = "x86_64")]
-            Bf16Path::Amx => unsafe { super::amx::gemm_rows(a, b, r0, rows, c, ldc) },
-            #[cfg(target_arch = "x86_64")]
-            Bf16Path::Avx512Bf16 => unsafe { avx512bf16::gemm_rows(a, b, r0, rows, c, ldc) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!(),
-        }
-    };
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        Bf16Path::Avx512Bf16 => split_rows(m, c, ldc, n, threads, |r0, rows, c| {
+            // SAFETY: `supported()` checked the CPU above.
+            unsafe { avx512bf16::gemm_rows(a, b, r0, rows, c, ldc) }
+        }),
+        _ => run_tiles(path, a, b, c, ldc, threads),
+    }
+}
+
+/// `c = a · b` on a tile path (AMX or the emulation), rows split as [`gemm_bf16`] does.
+pub(super) fn run_tiles<A: TileSource>(
+    path: Bf16Path,
+    a: &A,
+    b: &PackedBf16,
+    c: &mut [f32],
+    ldc: usize,
+    threads: bool,
+) {
+    let (m, n) = (a.rows(), b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        n <= ldc && (m - 1) * ldc + n <= c.len(),
+        "bf16 product: c too small"
+    );
+    assert!(
+        path.supported(),
+        "bf16 product: {} is not available here",
+        path.name()
+    );
+    split_rows(m, c, ldc, n, threads, |r0, rows, c| match path {
+        Bf16Path::Emulated => tiled(&mut Emulated::default(), a, b, r0, rows, c, ldc),
+        // SAFETY: `supported()` checked the CPU (and AMX permission) above.
+        #[cfg(target_arch = "x86_64")]
+        Bf16Path::Amx => unsafe { super::amx::gemm_rows(a, b, r0, rows, c, ldc) },
+        _ => panic!("{} has no tile operations", path.name()),
+    });
+}
+
+/// Runs `run(r0, rows, c)` over blocks of [`ROWS_PER_TASK`] rows of `c` (on rayon's threads
+/// with `threads`); each value is summed by one thread in one order either way.
+fn split_rows(
+    m: usize,
+    c: &mut [f32],
+    ldc: usize,
+    n: usize,
+    threads: bool,
+    run: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     let c = &mut c[..(m - 1) * ldc + n];
+    let task = |(t, c): (usize, &mut [f32])| {
+        let r0 = t * ROWS_PER_TASK;
+        run(r0, (m - r0).min(ROWS_PER_TASK), c)
+    };
     if threads && m > ROWS_PER_TASK {
         c.par_chunks_mut(ROWS_PER_TASK * ldc)
             .enumerate()
-            .for_each(|(t, c)| run(t * ROWS_PER_TASK, c));
+            .for_each(task);
     } else {
-        for (t, c) in c.chunks_mut(ROWS_PER_TASK * ldc).enumerate() {
-            run(t * ROWS_PER_TASK, c);
-        }
+        c.chunks_mut(ROWS_PER_TASK * ldc).enumerate().for_each(task);
     }
 }
 
@@ -289,23 +400,25 @@ pub(super) trait Tiles {
 /// overhangs `c` is stored to a scratch tile and copied. `t` must be usable on this CPU (for
 /// AMX: supported, permitted and configured by the caller), which is why this is private to
 /// the kernel module.
-pub(super) fn tiled<T: Tiles>(
+pub(super) fn tiled<T: Tiles, A: TileSource + ?Sized>(
     t: &mut T,
-    a: &Bf16Rows,
+    a: &A,
     b: &PackedBf16,
     r0: usize,
     rows: usize,
     c: &mut [f32],
     ldc: usize,
 ) {
-    let (n, chunks, panels) = (b.n, a.k_pad / TILE_K, b.panels());
+    let (n, chunks, panels) = (b.n, a.chunks(), b.panels());
+    assert_eq!(chunks, b.k_pad / TILE_K, "tiled: depths differ");
     let mut scratch = [0f32; TILE_M * TILE_M];
     for rb in (0..rows).step_by(2 * TILE_M) {
         let mt = if rows - rb > TILE_M { 2 } else { 1 };
         for pb in (0..panels).step_by(2) {
             let nt = (panels - pb).min(2);
-            // SAFETY: `a` has ⌈m/16⌉·16 rows of k_pad values and `b` ⌈n/16⌉ panels of k_pad
-            // pair-rows, so every tile read below is in bounds; stores are bounds-checked.
+            // SAFETY: `a` keeps ⌈m/16⌉·16 rows of its chunks readable (`TileSource`) and `b`
+            // has ⌈n/16⌉ panels of k_pad pair-rows, so every tile read below is in bounds;
+            // stores are bounds-checked.
             unsafe {
                 for i in 0..mt {
                     for j in 0..nt {
@@ -314,8 +427,8 @@ pub(super) fn tiled<T: Tiles>(
                 }
                 for kc in 0..chunks {
                     for i in 0..mt {
-                        let row = r0 + rb + i * TILE_M;
-                        t.load_a(i, a.data[row * a.k_pad + kc * TILE_K..].as_ptr(), a.k_pad);
+                        let (src, stride) = a.tile(r0 + rb + i * TILE_M, kc);
+                        t.load_a(i, src, stride);
                     }
                     for j in 0..nt {
                         t.load_b(j, b.panel_ptr(pb + j, kc));

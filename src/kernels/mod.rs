@@ -38,6 +38,23 @@ fn avx512() -> bool {
     }
 }
 
+/// Whether code compiled with AVX-512 F, BW, DQ and VL may run here: the training engine
+/// compiles its batch-norm and activation loops a second time with them (16 lanes instead of
+/// the baseline target's 4).
+pub fn avx512_wide() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512dq")
+            && std::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The fp32 kernel path this CPU takes: `"avx512-fp32"` (the 12×32 register-blocked
 /// kernels, for widths that are multiples of 16) or `"portable-fp32"` (the `gemm` crate
 /// throughout). Training records it, since the path fixes the order of every sum and so the
@@ -599,6 +616,7 @@ mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod bf16;
+pub mod conv_bf16;
 
 #[cfg(test)]
 mod tests {

@@ -15,6 +15,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::transfer::{self, Head, HeadConfig, HeadMode, Transfer};
 use anyhow::{Context, Result};
 use candle_core::Device;
+use fmnist::kernels::bf16::Bf16Path;
 use fmnist::onnx::{writer, Engine, GraphSpec};
 use fmnist::{InputLayout, OnnxModel, NUM_CLASSES};
 use std::path::{Path, PathBuf};
@@ -88,36 +89,59 @@ fn training_step(b: &BenchKernels) -> Result<()> {
     let dev = Device::Cpu;
     let rows: Vec<usize> = (0..128).map(|i| i % b.data.len()).collect();
     let six = CnnConfig::six([32, 64, 128], crate::engine::Act::Gelu, 0.0);
-    // None: the engine; Some(stock): autograd over candle's stock ops or over fmnist's custom
-    // ops.
+    /// How a row's step runs.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Step {
+        /// candle's autograd over its stock NCHW ops (true) or over fmnist's custom ops.
+        Autograd(bool),
+        /// The training engine, fp32 or with bf16 convolutions on AMX.
+        Engine { bf16: bool },
+    }
+    const ENGINE_FP32: &str = "fmnist training engine, fp32 (train --fp32)";
+    const ENGINE_BF16: &str = "fmnist training engine, amx-bf16 (train's default here)";
     /// A network's title, its shape, and its rows: label and step implementation.
-    type Rows<'a> = (&'a str, CnnConfig, Vec<(&'a str, Option<bool>)>);
+    type Rows<'a> = (&'a str, CnnConfig, Vec<(&'a str, Step)>);
     let rows_of: [Rows; 2] = [
         (
             "shipped CNN recipe 32-96-128",
             CnnConfig::default(),
             vec![
-                ("candle stock conv2d/max_pool2d (NCHW)", Some(true)),
+                (
+                    "candle stock conv2d/max_pool2d (NCHW)",
+                    Step::Autograd(true),
+                ),
                 (
                     "fmnist kernels (NHWC im2col+GEMM, fused BN+ReLU, pool)",
-                    Some(false),
+                    Step::Autograd(false),
                 ),
-                ("fmnist training engine (what `train` runs)", None),
+                (ENGINE_FP32, Step::Engine { bf16: false }),
+                (ENGINE_BF16, Step::Engine { bf16: true }),
             ],
         ),
         (
             "six-conv GELU 32/64/128 (--arch six)",
             six,
             vec![
-                ("candle autograd (fmnist custom ops + GELU)", Some(false)),
-                ("fmnist training engine (what `train` runs)", None),
+                (
+                    "candle autograd (fmnist custom ops + GELU)",
+                    Step::Autograd(false),
+                ),
+                (ENGINE_FP32, Step::Engine { bf16: false }),
+                (ENGINE_BF16, Step::Engine { bf16: true }),
             ],
         ),
     ];
     for (title, cfg, variants) in rows_of {
         println!("\n[training step] {title}, batch 128 (forward + backward + AdamW)");
-        for (label, autograd) in variants {
-            let model = Cnn::new(cfg.clone(), &mut loader::rng(1, 1), &dev)?;
+        for (label, step) in variants {
+            let mut model = Cnn::new(cfg.clone(), &mut loader::rng(1, 1), &dev)?;
+            if step == (Step::Engine { bf16: true }) {
+                if !Bf16Path::Amx.supported() {
+                    println!("  {label:<58} skipped: no AMX on this CPU");
+                    continue;
+                }
+                model = model.with_bf16(Bf16Path::Amx);
+            }
             let mut opt = AdamW::new(model.params(), AdamWConfig::default())?;
             let mut r = loader::rng(1, 2);
             let mut ws = Workspace::default();
@@ -130,13 +154,13 @@ fn training_step(b: &BenchKernels) -> Result<()> {
                     &mut r,
                     &dev,
                 )?;
-                match autograd {
-                    Some(stock) => {
+                match step {
+                    Step::Autograd(stock) => {
                         let logits = model.forward_with(&batch.images, Some(&mut r), stock)?;
                         let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
                         opt.step(model.params(), &loss.backward()?, 1e-3)?;
                     }
-                    None => {
+                    Step::Engine { .. } => {
                         let (_, grads) = model.cpu_train_step(
                             &batch.images,
                             &batch.labels,
@@ -163,7 +187,7 @@ fn training_step(b: &BenchKernels) -> Result<()> {
 /// threads. bf16 inputs are rounded once outside the timed loop (as packed weights would be);
 /// the "+ rounding" figure includes rounding `a` on every call.
 fn bf16_products(seconds: f64) -> Result<()> {
-    use fmnist::kernels::bf16::{gemm_bf16, Bf16Path, Bf16Rows, PackedBf16};
+    use fmnist::kernels::bf16::{gemm_bf16, Bf16Rows, PackedBf16};
     use fmnist::kernels::{matmul_bias_act, PackedB};
     use rayon::prelude::*;
     println!(

@@ -251,6 +251,12 @@ struct TrainArgs {
     /// Train on the CPU even when built with CUDA and a GPU is present.
     #[arg(long)]
     cpu: bool,
+    /// Keep every convolution in fp32. By default, on a CPU with AMX, the convolutions whose
+    /// input and output channels are multiples of 32 run as bf16 tile products (fp32 master
+    /// weights, fp32 sums, fp32 everywhere else); CPUs without AMX (AMD Zen 4 included) train
+    /// in fp32 either way. The kernel path is logged and recorded as `cpu_path` in the .json.
+    #[arg(long)]
+    fp32: bool,
     /// Also measure accuracy on --test after every epoch (for time-to-accuracy benchmarks;
     /// never used to choose anything).
     #[arg(long, requires = "test")]
@@ -428,6 +434,11 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         data_sha256: data_sha.clone(),
         out: out.clone(),
         resume: a.resume,
+        bf16: if a.fp32 || !dev.is_cpu() {
+            None
+        } else {
+            engine::bf16_path()
+        },
         device: dev,
         quiet: a.quiet,
     };
@@ -484,7 +495,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         "created_by": format!("fmnist-train {}", env!("CARGO_PKG_VERSION")),
         "recipe": state.recipe,
         "seed": state.recipe.seed,
-        "cpu_path": engine::kernel_path(&dev_used),
+        "cpu_path": model.kernel_path(&dev_used),
         "train_data": { "file": a.data, "sha256": data_sha, "images": d.len() },
         "test_data": test_report.as_ref().map(|(_, sha)| serde_json::json!({
             "file": a.test, "sha256": sha, "images": test.as_ref().map(|t| t.len()) })),

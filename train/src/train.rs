@@ -85,6 +85,10 @@ pub struct CheckpointState {
     pub step: usize,
     pub history: Vec<EpochSummary>,
     pub elapsed_seconds: f64,
+    /// The kernel path the steps so far ran on ([`Cnn::kernel_path`]); empty in checkpoints
+    /// written before it was recorded.
+    #[serde(default)]
+    pub kernel_path: String,
 }
 
 /// Paths of the checkpoint pair for an output model path.
@@ -208,6 +212,8 @@ pub struct TrainRun<'a> {
     pub data_sha256: String,
     pub out: PathBuf,
     pub resume: bool,
+    /// The bf16 tile path for the engine's convolutions; `None`: fp32.
+    pub bf16: Option<fmnist::kernels::bf16::Bf16Path>,
     pub device: Device,
     pub quiet: bool,
 }
@@ -269,6 +275,7 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
             step: 0,
             history: Vec::new(),
             elapsed_seconds: 0.0,
+            kernel_path: String::new(),
         };
         (recipe, state, None)
     };
@@ -291,7 +298,19 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
         );
     }
 
-    let model = build_model(&recipe, &run.device)?;
+    let mut model = build_model(&recipe, &run.device)?;
+    if let Some(path) = run.bf16 {
+        model = model.with_bf16(path);
+    }
+    let kernels = model.kernel_path(&run.device);
+    if !state.kernel_path.is_empty() && state.kernel_path != kernels {
+        eprintln!(
+            "warning: the checkpoint was trained on the {} kernel path and continues on {}: \
+             the weights will not be bit-identical to an uninterrupted run",
+            state.kernel_path, kernels
+        );
+    }
+    state.kernel_path = kernels.to_string();
     let mut opt = AdamW::new(
         model.params(),
         AdamWConfig {
@@ -333,7 +352,7 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
             recipe.epochs,
             batches_per_epoch,
             run.device,
-            crate::engine::kernel_path(&run.device)
+            kernels
         );
     }
     let mut workspace = crate::engine::Workspace::default();

@@ -494,37 +494,53 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".to_string())
 }
 
-/// A short seeded run on the fixture must give the committed weights, bit for bit, for the
-/// kernel path this CPU takes (the `.json` records it as `cpu_path`): the hash changes
-/// whenever the numerics do, so an accidental change fails here. A path with no committed
-/// hash fails and says how to record one; a change made on purpose is re-recorded in the
-/// same commit (`FMNIST_RECORD_GOLDEN=1`), with the reason in the commit message.
+/// A short seeded run on the fixture must give the committed weights, bit for bit, for each
+/// kernel path this CPU takes — the default one (amx-bf16 where AMX is present) and the one
+/// `--fp32` forces (the `.json` records it as `cpu_path`): the hash changes whenever the
+/// numerics do, so an accidental change fails here. A path with no committed hash fails and
+/// says how to record one; a change made on purpose is re-recorded in the same commit
+/// (`FMNIST_RECORD_GOLDEN=1`), with the reason in the commit message.
 #[test]
 fn golden_weights_for_this_cpu_path() {
     use sha2::{Digest, Sha256};
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("golden.onnx");
-    let o = run(&train_args(out.to_str().unwrap(), "2"));
-    assert!(o.status.success(), "{}", stderr(&o));
-    let info: Value =
-        serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
-    let path = info["cpu_path"]
-        .as_str()
-        .expect("the model's .json records cpu_path")
-        .to_string();
-    let weights = std::fs::read(out.with_extension("safetensors")).unwrap();
-    let sha = format!("{:x}", Sha256::digest(&weights));
+    let mut runs: Vec<(String, String)> = Vec::new();
+    for extra in [&[][..], &["--fp32"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("golden.onnx");
+        let out_s = out.to_str().unwrap().to_string();
+        let mut args = train_args(&out_s, "2");
+        args.extend(extra.iter().copied());
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let info: Value =
+            serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+        let path = info["cpu_path"]
+            .as_str()
+            .expect("the model's .json records cpu_path")
+            .to_string();
+        if extra.is_empty() {
+            eprintln!("default kernel path here: {path}");
+        } else {
+            assert!(path.ends_with("fp32"), "--fp32 trained on {path}");
+        }
+        let weights = std::fs::read(out.with_extension("safetensors")).unwrap();
+        if runs.iter().all(|(p, _)| *p != path) {
+            runs.push((path, format!("{:x}", Sha256::digest(&weights))));
+        }
+    }
     let file = golden_file();
     let mut golden: serde_json::Map<String, Value> =
         serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     if std::env::var_os("FMNIST_RECORD_GOLDEN").is_some() {
-        golden.insert(
-            path.clone(),
-            serde_json::json!({ "sha256": sha, "recorded_on": cpu_model() }),
-        );
+        for (path, sha) in &runs {
+            golden.insert(
+                path.clone(),
+                serde_json::json!({ "sha256": sha, "recorded_on": cpu_model() }),
+            );
+            eprintln!("recorded {sha} for {path} in {}", file.display());
+        }
         let text = serde_json::to_string_pretty(&golden).unwrap() + "\n";
         std::fs::write(&file, text).unwrap();
-        eprintln!("recorded {sha} for {path} in {}", file.display());
         return;
     }
     let record = format!(
@@ -532,19 +548,22 @@ fn golden_weights_for_this_cpu_path() {
          and commit {}",
         file.display()
     );
-    let Some(want) = golden.get(&path) else {
-        panic!(
-            "no golden weight hash for CPU path {path} (this CPU: {}); record one with: {record}",
+    for (path, sha) in runs {
+        let Some(want) = golden.get(&path) else {
+            panic!(
+                "no golden weight hash for CPU path {path} (this CPU: {}); record one with: \
+                 {record}",
+                cpu_model()
+            );
+        };
+        assert_eq!(
+            want["sha256"].as_str(),
+            Some(sha.as_str()),
+            "the weights of the seeded fixture run changed on CPU path {path} (committed hash \
+             recorded on {}, this CPU: {}). If the numerics changed on purpose, re-record \
+             with: {record}, and say why in the commit",
+            want["recorded_on"],
             cpu_model()
         );
-    };
-    assert_eq!(
-        want["sha256"].as_str(),
-        Some(sha.as_str()),
-        "the weights of the seeded fixture run changed on CPU path {path} (committed hash \
-         recorded on {}, this CPU: {}). If the numerics changed on purpose, re-record with: \
-         {record}, and say why in the commit",
-        want["recorded_on"],
-        cpu_model()
-    );
+    }
 }

@@ -10,6 +10,8 @@
 
 use crate::models::custom_ops::{batch_stats, ordered_sums};
 use fmnist::kernels::activation::{gelu, gelu_grad};
+use fmnist::kernels::bf16::{Bf16Path, PackedBf16};
+use fmnist::kernels::conv_bf16;
 use fmnist::kernels::{
     conv_bias_act, matmul_bias_act, outer_sum, sgemm_strided, Mat, PackedB, Windows,
 };
@@ -67,6 +69,37 @@ impl Activation for Gelu {
     }
 }
 
+/// Defines `fn $name<A: Activation>(args) -> R` whose body is compiled twice: as written, and
+/// with AVX-512 enabled, taken when the CPU has it ([`fmnist::kernels::avx512_wide`]). The
+/// batch-norm and activation loops below are plain Rust over slices of channels, written
+/// branch-free (GELU included) so that they vectorise; the baseline x86-64 target only gives
+/// them SSE2's 4 lanes, AVX-512 gives 16. The arithmetic is the same in both copies (Rust
+/// never fuses `a·b + c`, and the lanes are independent channels), so the results are
+/// bit-identical whichever runs.
+macro_rules! wide_fn {
+    ($(#[$m:meta])* fn $name:ident<A: Activation>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name<A: Activation>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body<A: Activation>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn wide<A: Activation>($($arg: $ty),*) $(-> $ret)? {
+                body::<A>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if fmnist::kernels::avx512_wide() {
+                // SAFETY: `avx512_wide` checked every feature `wide` is compiled with.
+                return unsafe { wide::<A>($($arg),*) };
+            }
+            body::<A>($($arg),*)
+        }
+    };
+}
+
 pub(crate) fn sized<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut Vec<T> {
     v.resize(n, T::default());
     v
@@ -74,8 +107,8 @@ pub(crate) fn sized<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut Vec<T> 
 
 // ---- 3×3 convolution (same size, stride 1, no bias: the batch-norm shift is the bias) ----
 
-/// Convolution weights `[cout, 3, 3, cin]` as the kernel's `[9·cin, cout]` operand.
-pub fn pack_conv(w: &[f32], cout: usize, cin: usize) -> PackedB {
+/// Convolution weights `[cout, 3, 3, cin]` as the `[9·cin, cout]` matrix the kernels take.
+fn conv_matrix(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let k = 9 * cin;
     let mut plain = vec![0f32; k * cout];
     for o in 0..cout {
@@ -83,12 +116,12 @@ pub fn pack_conv(w: &[f32], cout: usize, cin: usize) -> PackedB {
             plain[j * cout + o] = *v;
         }
     }
-    PackedB::new(plain, k, cout)
+    plain
 }
 
 /// The weights of the input gradient's convolution: taps flipped, input and output channels
-/// swapped, as a `[9·cout, cin]` operand.
-pub fn pack_conv_flipped(w: &[f32], cout: usize, cin: usize) -> PackedB {
+/// swapped, as a `[9·cout, cin]` matrix.
+fn conv_matrix_flipped(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut plain = vec![0f32; 9 * cout * cin];
     for o in 0..cout {
         for tap in 0..9 {
@@ -97,7 +130,104 @@ pub fn pack_conv_flipped(w: &[f32], cout: usize, cin: usize) -> PackedB {
             plain[row * cin..(row + 1) * cin].copy_from_slice(src);
         }
     }
-    PackedB::new(plain, 9 * cout, cin)
+    plain
+}
+
+/// Convolution weights `[cout, 3, 3, cin]` as the kernel's `[9·cin, cout]` operand.
+pub fn pack_conv(w: &[f32], cout: usize, cin: usize) -> PackedB {
+    PackedB::new(conv_matrix(w, cout, cin), 9 * cin, cout)
+}
+
+/// [`conv_matrix_flipped`] packed for the fp32 kernel.
+pub fn pack_conv_flipped(w: &[f32], cout: usize, cin: usize) -> PackedB {
+    PackedB::new(conv_matrix_flipped(w, cout, cin), 9 * cout, cin)
+}
+
+/// `[9·cin][cout]` (tap-major rows) → `[cout][9·cin]`, the weight's own layout.
+fn from_conv_matrix(total: &[f32], cout: usize) -> Vec<f32> {
+    let k = total.len() / cout;
+    let mut dw = vec![0f32; total.len()];
+    for (j, row) in total.chunks_exact(cout).enumerate() {
+        for (o, v) in row.iter().enumerate() {
+            dw[o * k + j] = *v;
+        }
+    }
+    dw
+}
+
+/// A 3×3 convolution whose products run in bf16 tiles (`fmnist::kernels::conv_bf16`): the
+/// padded input and output gradient are rounded once per step and read in place, products
+/// are accumulated in fp32 on the padded grid and their interior copied out. Weights stay
+/// fp32 (rounded into the packed operand each step), as does everything around the products.
+#[derive(Default)]
+pub struct Bf16Conv {
+    xb: Vec<u16>,
+    xt: Vec<u16>,
+    db: Vec<u16>,
+    wide: Vec<f32>,
+    wpack: PackedBf16,
+    dpack: PackedBf16,
+}
+
+impl Bf16Conv {
+    /// `out[n·h·w, cout]` from the padded input `x` (`n` images `[h+2, w+2, cin]`) and the
+    /// weight `[cout, 3, 3, cin]`.
+    pub fn forward(
+        &mut self,
+        path: Bf16Path,
+        x: &[f32],
+        n: usize,
+        (h, w, cin, cout): (usize, usize, usize, usize),
+        weight: &[f32],
+        out: &mut [f32],
+    ) {
+        conv_bf16::round_padded(x, n, h, w, cin, &mut self.xb);
+        self.wpack
+            .fill(&conv_matrix(weight, cout, cin), 9 * cin, cout);
+        let rows = conv_bf16::grid_rows(n, h, w);
+        sized(&mut self.wide, rows * cout);
+        conv_bf16::conv3x3_bf16(path, &self.xb, n, h, w, cin, &self.wpack, &mut self.wide);
+        conv_bf16::interior(&self.wide, n, h, w, cout, out);
+    }
+
+    /// The weight gradient from the padded input `x` and the padded output gradient `dz`
+    /// (zero border), and the input gradient `[n·h·w, cin]` into `dx` when it is wanted.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &mut self,
+        path: Bf16Path,
+        x: &[f32],
+        n: usize,
+        (h, w, cin, cout): (usize, usize, usize, usize),
+        weight: &[f32],
+        dz: &[f32],
+        dx: Option<&mut Vec<f32>>,
+    ) -> Vec<f32> {
+        let rows = conv_bf16::grid_rows(n, h, w);
+        self.dpack.fill(&dz[(w + 3) * cout..], rows, cout);
+        let stride = conv_bf16::transpose_padded(x, n, h, w, cin, &mut self.xt);
+        let mut total = vec![0f32; 9 * cin * cout];
+        conv_bf16::weight_grad_bf16(
+            path,
+            &self.xt,
+            stride,
+            n,
+            h,
+            w,
+            cin,
+            &self.dpack,
+            &mut total,
+        );
+        if let Some(dx) = dx {
+            conv_bf16::round_padded(dz, n, h, w, cout, &mut self.db);
+            let flipped = conv_matrix_flipped(weight, cout, cin);
+            self.wpack.fill(&flipped, 9 * cout, cin);
+            sized(&mut self.wide, rows * cin);
+            conv_bf16::conv3x3_bf16(path, &self.db, n, h, w, cout, &self.wpack, &mut self.wide);
+            conv_bf16::interior(&self.wide, n, h, w, cin, sized(dx, n * h * w * cin));
+        }
+        from_conv_matrix(&total, cout)
+    }
 }
 
 /// Forward: same-size 3×3 convolution of `n` padded images `[h+2, w+2, cin]` into rows
@@ -193,14 +323,7 @@ pub fn conv3x3_weight_grad(
     for p in &partial {
         total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
     }
-    // [9·cin][cout] → [cout][9·cin]
-    let mut dw = vec![0f32; cout * 3 * span];
-    for (j, row) in total.chunks_exact(cout).enumerate() {
-        for (o, v) in row.iter().enumerate() {
-            dw[o * 3 * span + j] = *v;
-        }
-    }
-    dw
+    from_conv_matrix(&total, cout)
 }
 
 // ---- batch-norm + activation (+ 2×2 max-pool), fused ----
@@ -271,17 +394,34 @@ fn bn_act_with<A: Activation>(z: &[f32], s: BnShape, bn: &Bn, out: &mut [f32]) {
         .enumerate()
         .for_each(|(img, o)| {
             let zi = &z[img * h * w * c..(img + 1) * h * w * c];
-            for y in 0..h {
-                let ob = ((y + pad) * pw + pad) * c;
-                let o = &mut o[ob..ob + w * c];
-                let zr = &zi[y * w * c..(y + 1) * w * c];
-                for (o, z) in o.chunks_exact_mut(c).zip(zr.chunks_exact(c)) {
-                    for ch in 0..c {
-                        o[ch] = A::f(z[ch] * sc[ch] + sh[ch]);
-                    }
+            bn_act_image::<A>(zi, o, sc, sh, (h, w, c), pad);
+        });
+}
+
+wide_fn! {
+    /// One image of [`bn_act`].
+    fn bn_act_image<A: Activation>(
+        zi: &[f32],
+        o: &mut [f32],
+        sc: &[f32],
+        sh: &[f32],
+        hwc: (usize, usize, usize),
+        pad: usize,
+    ) {
+        let (h, w, c) = hwc;
+        let pw = w + 2 * pad;
+        let (sc, sh) = (&sc[..c], &sh[..c]);
+        for y in 0..h {
+            let ob = ((y + pad) * pw + pad) * c;
+            let o = &mut o[ob..ob + w * c];
+            let zr = &zi[y * w * c..(y + 1) * w * c];
+            for (o, z) in o.chunks_exact_mut(c).zip(zr.chunks_exact(c)) {
+                for ch in 0..c {
+                    o[ch] = A::f(z[ch] * sc[ch] + sh[ch]);
                 }
             }
-        });
+        }
+    }
 }
 
 /// Forward: batch-norm + activation + 2×2 max-pool of conv rows `z`, into the interior of
@@ -316,7 +456,6 @@ fn bn_act_pool_with<A: Activation>(
     let (oh, ow) = (h / 2, w / 2);
     let pw = ow + 2 * pad;
     let out_img = (oh + 2 * pad) * pw * c;
-    let offs = window_offsets(w, c);
     let (sc, sh) = (&bn.scale[..c], &bn.shift[..c]);
     out[..n * out_img]
         .par_chunks_mut(out_img)
@@ -325,30 +464,51 @@ fn bn_act_pool_with<A: Activation>(
         .enumerate()
         .for_each(|(img, ((o, a), zs))| {
             let zi = &z[img * h * w * c..(img + 1) * h * w * c];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let top = (2 * oy * w + 2 * ox) * c;
-                    let zq = offs.map(|d| &zi[top + d..top + d + c]);
-                    let ob = ((oy + pad) * pw + ox + pad) * c;
-                    let o = &mut o[ob..ob + c];
-                    let a = &mut a[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
-                    let zs = &mut zs[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
-                    for ch in 0..c {
-                        let (mut best, mut k, mut zb) = (f32::NEG_INFINITY, 0u8, 0.0);
-                        for (q, zq) in zq.iter().enumerate() {
-                            let (z, x) = (zq[ch], A::f(zq[ch] * sc[ch] + sh[ch]));
-                            let better = x > best;
-                            best = if better { x } else { best };
-                            k = if better { q as u8 } else { k };
-                            zb = if better { z } else { zb };
-                        }
-                        o[ch] = best;
-                        a[ch] = k;
-                        zs[ch] = zb;
+            bn_act_pool_image::<A>(zi, o, a, zs, sc, sh, (h, w, c), pad);
+        });
+}
+
+wide_fn! {
+    /// One image of [`bn_act_pool`].
+    fn bn_act_pool_image<A: Activation>(
+        zi: &[f32],
+        o: &mut [f32],
+        a: &mut [u8],
+        zs: &mut [f32],
+        sc: &[f32],
+        sh: &[f32],
+        hwc: (usize, usize, usize),
+        pad: usize,
+    ) {
+        let (h, w, c) = hwc;
+        let (oh, ow) = (h / 2, w / 2);
+        let pw = ow + 2 * pad;
+        let offs = window_offsets(w, c);
+        let (sc, sh) = (&sc[..c], &sh[..c]);
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let top = (2 * oy * w + 2 * ox) * c;
+                let zq = offs.map(|d| &zi[top + d..top + d + c]);
+                let ob = ((oy + pad) * pw + ox + pad) * c;
+                let o = &mut o[ob..ob + c];
+                let a = &mut a[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
+                let zs = &mut zs[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
+                for ch in 0..c {
+                    let (mut best, mut k, mut zb) = (f32::NEG_INFINITY, 0u8, 0.0);
+                    for (q, zq) in zq.iter().enumerate() {
+                        let (z, x) = (zq[ch], A::f(zq[ch] * sc[ch] + sh[ch]));
+                        let better = x > best;
+                        best = if better { x } else { best };
+                        k = if better { q as u8 } else { k };
+                        zb = if better { z } else { zb };
                     }
+                    o[ch] = best;
+                    a[ch] = k;
+                    zs[ch] = zb;
                 }
             }
-        });
+        }
+    }
 }
 
 /// The per-channel map from `g'` (the gradient reaching `u = z·scale + shift`, summed as Σg'
@@ -374,33 +534,45 @@ fn bn_backward_coefficients(
     (ca, cb, ce, dgamma, dbeta)
 }
 
-/// Per chunk of rows, Σg' and Σg'·(z − μ) per channel; `g'` comes from `gp(row index, ch)`.
-fn bn_partial_sums(
+/// Per chunk of rows, Σg' and Σg'·(z − μ) per channel, with `g' = A::pass(dy, z·scale +
+/// shift)`.
+fn bn_partial_sums<A: Activation>(
     dy: &[f32],
     z: &[f32],
     c: usize,
     rows_per_task: usize,
-    gp: impl Fn(f32, f32, usize) -> f32 + Sync,
-    mean: &[f32],
+    bn: &Bn,
 ) -> Vec<(Vec<f32>, Vec<f32>)> {
     let chunk = rows_per_task * c;
     dy.par_chunks(chunk)
         .zip(z.par_chunks(chunk))
-        .map(|(g, zs)| {
-            let (mut sg_v, mut sgx_v) = (vec![0f32; c], vec![0f32; c]);
-            // Slices of exactly `c` values let the compiler drop bounds checks and vectorise.
-            let (sg, sgx) = (&mut sg_v[..c], &mut sgx_v[..c]);
-            let mean = &mean[..c];
-            for (g, zs) in g.chunks_exact(c).zip(zs.chunks_exact(c)) {
-                for ch in 0..c {
-                    let gp = gp(g[ch], zs[ch], ch);
-                    sg[ch] += gp;
-                    sgx[ch] += gp * (zs[ch] - mean[ch]);
-                }
-            }
-            (sg_v, sgx_v)
-        })
+        .map(|(g, zs)| bn_partial_sums_chunk::<A>(g, zs, c, &bn.scale, &bn.shift, &bn.mean))
         .collect()
+}
+
+wide_fn! {
+    /// One chunk of [`bn_partial_sums`].
+    fn bn_partial_sums_chunk<A: Activation>(
+        g: &[f32],
+        zs: &[f32],
+        c: usize,
+        sc: &[f32],
+        sh: &[f32],
+        mean: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (mut sg_v, mut sgx_v) = (vec![0f32; c], vec![0f32; c]);
+        // Slices of exactly `c` values let the compiler drop bounds checks and vectorise.
+        let (sg, sgx) = (&mut sg_v[..c], &mut sgx_v[..c]);
+        let (sc, sh, mean) = (&sc[..c], &sh[..c], &mean[..c]);
+        for (g, zs) in g.chunks_exact(c).zip(zs.chunks_exact(c)) {
+            for ch in 0..c {
+                let gp = A::pass(g[ch], zs[ch] * sc[ch] + sh[ch]);
+                sg[ch] += gp;
+                sgx[ch] += gp * (zs[ch] - mean[ch]);
+            }
+        }
+        (sg_v, sgx_v)
+    }
 }
 
 /// Backward of [`bn_act`]: from the output gradient `dy` (`[n, h, w, c]`, unpadded) to the
@@ -430,41 +602,64 @@ fn bn_act_backward_with<A: Activation>(
     let BnShape { n, h, w, c, .. } = s;
     let (sc, sh) = (&bn.scale[..c], &bn.shift[..c]);
     let len = n * h * w * c;
-    let partial = bn_partial_sums(
-        &dy[..len],
-        &z[..len],
-        c,
-        IMAGES_PER_TASK * h * w,
-        |g, z, ch| A::pass(g, z * sc[ch] + sh[ch]),
-        &bn.mean,
-    );
+    let partial = bn_partial_sums::<A>(&dy[..len], &z[..len], c, IMAGES_PER_TASK * h * w, bn);
     let (ca, cb, ce, dgamma, dbeta) = bn_backward_coefficients(bn, &partial, c, n * h * w);
-    let (ca, cb, ce) = (&ca[..c], &cb[..c], &ce[..c]);
-    let wp = w + 2;
-    let img_p = (h + 2) * wp * c;
+    let k = BackCoefficients {
+        sc,
+        sh,
+        ca: &ca,
+        cb: &cb,
+        ce: &ce,
+    };
+    let img_p = (h + 2) * (w + 2) * c;
     dz[..n * img_p]
         .par_chunks_mut(img_p)
         .enumerate()
         .for_each(|(img, d)| {
-            let base = img * h * w * c;
-            for y in 0..h {
-                let rz = &z[base + y * w * c..base + (y + 1) * w * c];
-                let rg = &dy[base + y * w * c..base + (y + 1) * w * c];
-                let db = ((y + 1) * wp + 1) * c;
-                let rd = &mut d[db..db + w * c];
-                for ((d, z), g) in rd
-                    .chunks_exact_mut(c)
-                    .zip(rz.chunks_exact(c))
-                    .zip(rg.chunks_exact(c))
-                {
-                    for ch in 0..c {
-                        let gp = A::pass(g[ch], z[ch] * sc[ch] + sh[ch]);
-                        d[ch] = ca[ch] * gp + cb[ch] + ce[ch] * z[ch];
-                    }
-                }
-            }
+            let rows = img * h * w * c..(img + 1) * h * w * c;
+            bn_act_backward_image::<A>(&z[rows.clone()], &dy[rows], d, &k, (h, w, c));
         });
     (dgamma, dbeta)
+}
+
+/// Per channel: batch-norm's scale and shift, and the backward map `dz = a·g' + b + e·z`.
+struct BackCoefficients<'a> {
+    sc: &'a [f32],
+    sh: &'a [f32],
+    ca: &'a [f32],
+    cb: &'a [f32],
+    ce: &'a [f32],
+}
+
+wide_fn! {
+    /// One image of [`bn_act_backward`]'s second pass.
+    fn bn_act_backward_image<A: Activation>(
+        zi: &[f32],
+        gi: &[f32],
+        d: &mut [f32],
+        k: &BackCoefficients,
+        hwc: (usize, usize, usize),
+    ) {
+        let (h, w, c) = hwc;
+        let wp = w + 2;
+        let (sc, sh, ca, cb, ce) = (&k.sc[..c], &k.sh[..c], &k.ca[..c], &k.cb[..c], &k.ce[..c]);
+        for y in 0..h {
+            let rz = &zi[y * w * c..(y + 1) * w * c];
+            let rg = &gi[y * w * c..(y + 1) * w * c];
+            let db = ((y + 1) * wp + 1) * c;
+            let rd = &mut d[db..db + w * c];
+            for ((d, z), g) in rd
+                .chunks_exact_mut(c)
+                .zip(rz.chunks_exact(c))
+                .zip(rg.chunks_exact(c))
+            {
+                for ch in 0..c {
+                    let gp = A::pass(g[ch], z[ch] * sc[ch] + sh[ch]);
+                    d[ch] = ca[ch] * gp + cb[ch] + ce[ch] * z[ch];
+                }
+            }
+        }
+    }
 }
 
 /// Backward of [`bn_act_pool`]: from the pooled gradient `dp` (`[n, h/2, w/2, c]`) to the
@@ -499,62 +694,98 @@ fn bn_act_pool_backward_with<A: Activation>(
     let BnShape { n, h, w, c, .. } = s;
     let (oh, ow) = (h / 2, w / 2);
     let pooled = oh * ow * c;
-    let wp = w + 2;
-    let img_p = (h + 2) * wp * c;
-    let z_offs = window_offsets(w, c);
-    let d_offs = window_offsets(wp, c);
-    let (sc, sh) = (&bn.scale[..c], &bn.shift[..c]);
+    let img_p = (h + 2) * (w + 2) * c;
     // Pass 1: the gradient reaches only each window's winner, so only the winners' conv
     // values (`zsel`) are read.
-    let partial = bn_partial_sums(
+    let partial = bn_partial_sums::<A>(
         &dp[..n * pooled],
         &zsel[..n * pooled],
         c,
         IMAGES_PER_TASK * oh * ow,
-        |g, z, ch| A::pass(g, z * sc[ch] + sh[ch]),
-        &bn.mean,
+        bn,
     );
     let (ca, cb, ce, dgamma, dbeta) = bn_backward_coefficients(bn, &partial, c, n * h * w);
-    let (ca, cb, ce) = (&ca[..c], &cb[..c], &ce[..c]);
+    let k = BackCoefficients {
+        sc: &bn.scale,
+        sh: &bn.shift,
+        ca: &ca,
+        cb: &cb,
+        ce: &ce,
+    };
     // Pass 2: every position of every window.
     dz[..n * img_p]
         .par_chunks_mut(img_p)
         .enumerate()
         .for_each(|(img, d)| {
-            let zi = &z[img * h * w * c..(img + 1) * h * w * c];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let pb = img * pooled + (oy * ow + ox) * c;
-                    let (a, g) = (&arg[pb..pb + c], &dp[pb..pb + c]);
-                    let ztop = (2 * oy * w + 2 * ox) * c;
-                    let dtop = ((2 * oy + 1) * wp + 2 * ox + 1) * c;
-                    for q in 0..4 {
-                        let zq = &zi[ztop + z_offs[q]..ztop + z_offs[q] + c];
-                        let dq = &mut d[dtop + d_offs[q]..dtop + d_offs[q] + c];
-                        for ch in 0..c {
-                            let gin = if a[ch] as usize == q { g[ch] } else { 0.0 };
-                            let gp = A::pass(gin, zq[ch] * sc[ch] + sh[ch]);
-                            dq[ch] = ca[ch] * gp + cb[ch] + ce[ch] * zq[ch];
-                        }
-                    }
-                }
-            }
-            // An odd side's last row or column is in no window (the pool floors, as
-            // PyTorch's and ONNX's do): no gradient reaches it through the pool, but
-            // batch-norm's statistics still tie it to every other value.
-            for y in 0..h {
-                let xs = if y < 2 * oh { 2 * ow..w } else { 0..w };
-                for x in xs {
-                    let zq = &zi[(y * w + x) * c..(y * w + x + 1) * c];
-                    let db = ((y + 1) * wp + x + 1) * c;
-                    let dq = &mut d[db..db + c];
-                    for ch in 0..c {
-                        dq[ch] = cb[ch] + ce[ch] * zq[ch];
-                    }
-                }
-            }
+            let pooled_img = img * pooled..(img + 1) * pooled;
+            bn_act_pool_backward_image::<A>(
+                &z[img * h * w * c..(img + 1) * h * w * c],
+                &arg[pooled_img.clone()],
+                &dp[pooled_img.clone()],
+                &zsel[pooled_img],
+                d,
+                &k,
+                (h, w, c),
+            );
         });
     (dgamma, dbeta)
+}
+
+wide_fn! {
+    /// One image of [`bn_act_pool_backward`]'s second pass.
+    fn bn_act_pool_backward_image<A: Activation>(
+        zi: &[f32],
+        arg: &[u8],
+        dp: &[f32],
+        zsel: &[f32],
+        d: &mut [f32],
+        k: &BackCoefficients,
+        hwc: (usize, usize, usize),
+    ) {
+        let (h, w, c) = hwc;
+        let (oh, ow) = (h / 2, w / 2);
+        let wp = w + 2;
+        let z_offs = window_offsets(w, c);
+        let d_offs = window_offsets(wp, c);
+        let (sc, sh, ca, cb, ce) = (&k.sc[..c], &k.sh[..c], &k.ca[..c], &k.cb[..c], &k.ce[..c]);
+        let mut gp_v = vec![0f32; c];
+        let gp = &mut gp_v[..c];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let pb = (oy * ow + ox) * c;
+                let (a, g, zw) = (&arg[pb..pb + c], &dp[pb..pb + c], &zsel[pb..pb + c]);
+                // Only the winner's position gets a gradient through the pool: its g' once
+                // per window (the activation's gradient is the costly part).
+                for ch in 0..c {
+                    gp[ch] = A::pass(g[ch], zw[ch] * sc[ch] + sh[ch]);
+                }
+                let ztop = (2 * oy * w + 2 * ox) * c;
+                let dtop = ((2 * oy + 1) * wp + 2 * ox + 1) * c;
+                for q in 0..4 {
+                    let zq = &zi[ztop + z_offs[q]..ztop + z_offs[q] + c];
+                    let dq = &mut d[dtop + d_offs[q]..dtop + d_offs[q] + c];
+                    for ch in 0..c {
+                        let gq = if a[ch] as usize == q { gp[ch] } else { 0.0 };
+                        dq[ch] = ca[ch] * gq + cb[ch] + ce[ch] * zq[ch];
+                    }
+                }
+            }
+        }
+        // An odd side's last row or column is in no window (the pool floors, as PyTorch's
+        // and ONNX's do): no gradient reaches it through the pool, but batch-norm's
+        // statistics still tie it to every other value.
+        for y in 0..h {
+            let xs = if y < 2 * oh { 2 * ow..w } else { 0..w };
+            for x in xs {
+                let zq = &zi[(y * w + x) * c..(y * w + x + 1) * c];
+                let db = ((y + 1) * wp + x + 1) * c;
+                let dq = &mut d[db..db + c];
+                for ch in 0..c {
+                    dq[ch] = cb[ch] + ce[ch] * zq[ch];
+                }
+            }
+        }
+    }
 }
 
 // ---- fully connected ----
@@ -723,6 +954,105 @@ pub fn global_avg_pool_backward(dy: &[f32], n: usize, hw: usize, c: usize, dx: &
     for (img, g) in dx.chunks_exact_mut(hw * c).zip(dy[..n * c].chunks_exact(c)) {
         for px in img.chunks_exact_mut(c) {
             px.iter_mut().zip(g).for_each(|(d, g)| *d = g * k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::rng;
+    use rand::Rng;
+
+    /// `n` padded images `[h+2, w+2, c]` with values in ±1 and a zero border.
+    fn padded(n: usize, h: usize, w: usize, c: usize, seed: u64) -> Vec<f32> {
+        let mut r = rng(seed, 2);
+        let mut x = vec![0f32; n * (h + 2) * (w + 2) * c];
+        for i in 0..n {
+            for y in 1..=h {
+                let at = ((i * (h + 2) + y) * (w + 2) + 1) * c;
+                x[at..at + w * c].fill_with(|| r.random_range(-1.0..1.0));
+            }
+        }
+        x
+    }
+
+    fn abs(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|x| x.abs()).collect()
+    }
+
+    /// |got − fp32| ≤ 2^-7 · Σ|a||b| per value: each bf16 operand is within 2^-9 of its fp32
+    /// value, so each product within about 2^-8; the bound leaves a factor 2 for fp32 sums.
+    fn within(what: &str, got: &[f32], fp32: &[f32], magnitude: &[f32]) {
+        assert_eq!(got.len(), fp32.len(), "{what}");
+        for (i, ((g, e), m)) in got.iter().zip(fp32).zip(magnitude).enumerate() {
+            let tol = m * 2f32.powi(-7) + 1e-6;
+            assert!((g - e).abs() <= tol, "{what}[{i}]: {g} vs {e} (tol {tol})");
+        }
+    }
+
+    /// The bf16 convolution layer's forward, weight gradient and input gradient against the
+    /// fp32 kernels on the same data, within bf16's rounding of each sum's magnitude (the
+    /// same fp32 kernels over absolute values), for one and several images, square and
+    /// oblong, on the emulated tiles and on AMX where present. A reused layer (a smaller
+    /// batch after a larger one) gives the fresh layer's bits.
+    #[test]
+    fn bf16_convolution_matches_fp32() {
+        let mut paths = vec![Bf16Path::Emulated];
+        if Bf16Path::Amx.supported() {
+            paths.push(Bf16Path::Amx);
+        } else {
+            eprintln!("skipped: amx-bf16 is not available on this CPU");
+        }
+        for path in paths {
+            let mut reused = Bf16Conv::default();
+            for (n, h, w, cin, cout) in [(4, 9, 9, 32, 64), (1, 7, 7, 64, 32), (2, 5, 3, 32, 96)] {
+                let what = format!("{} {n}×{h}×{w} {cin}→{cout}", path.name());
+                let x = padded(n, h, w, cin, 1);
+                let dz = padded(n, h, w, cout, 2);
+                let weight: Vec<f32> = {
+                    let mut r = rng(3, 3);
+                    (0..cout * 9 * cin)
+                        .map(|_| r.random_range(-0.2..0.2))
+                        .collect()
+                };
+                let shape = (h, w, cin, cout);
+                let mut fresh = Bf16Conv::default();
+                let mut z = vec![f32::NAN; n * h * w * cout];
+                fresh.forward(path, &x, n, shape, &weight, &mut z);
+                let mut z32 = vec![0f32; n * h * w * cout];
+                conv3x3(&x, n, h, w, cin, &pack_conv(&weight, cout, cin), &mut z32);
+                let mut mag = vec![0f32; n * h * w * cout];
+                conv3x3(
+                    &abs(&x),
+                    n,
+                    h,
+                    w,
+                    cin,
+                    &pack_conv(&abs(&weight), cout, cin),
+                    &mut mag,
+                );
+                within(&format!("{what} forward"), &z, &z32, &mag);
+
+                let mut dx = Vec::new();
+                let dw = fresh.backward(path, &x, n, shape, &weight, &dz, Some(&mut dx));
+                let dw32 = conv3x3_weight_grad(&dz, &x, n, h, w, cin, cout);
+                let dw_mag = conv3x3_weight_grad(&abs(&dz), &abs(&x), n, h, w, cin, cout);
+                within(&format!("{what} weight gradient"), &dw, &dw32, &dw_mag);
+                let mut dx32 = vec![0f32; n * h * w * cin];
+                let flipped = pack_conv_flipped(&weight, cout, cin);
+                conv3x3(&dz, n, h, w, cout, &flipped, &mut dx32);
+                let mut dx_mag = vec![0f32; n * h * w * cin];
+                let flipped = pack_conv_flipped(&abs(&weight), cout, cin);
+                conv3x3(&abs(&dz), n, h, w, cout, &flipped, &mut dx_mag);
+                within(&format!("{what} input gradient"), &dx, &dx32, &dx_mag);
+
+                let mut z2 = vec![f32::NAN; n * h * w * cout];
+                reused.forward(path, &x, n, shape, &weight, &mut z2);
+                let mut dx2 = Vec::new();
+                let dw2 = reused.backward(path, &x, n, shape, &weight, &dz, Some(&mut dx2));
+                assert_eq!((z2, dw2, dx2), (z, dw, dx), "{what}: reused layer");
+            }
         }
     }
 }

@@ -25,6 +25,7 @@
 
 pub mod layers;
 
+use fmnist::kernels::bf16::Bf16Path;
 pub use layers::Act;
 use layers::{sized, Bn, BnShape};
 use rand_chacha::ChaCha8Rng;
@@ -40,6 +41,13 @@ pub fn kernel_path(device: &candle_core::Device) -> &'static str {
     } else {
         "candle-metal"
     }
+}
+
+/// The bf16 path `train` uses by default on this CPU: AMX tiles where present (and permitted
+/// by the kernel), else none. AVX512_BF16 alone (AMD Zen 4, for instance) is not used: its
+/// register kernel measured slower than the fp32 one (BENCHMARKS.md).
+pub fn bf16_path() -> Option<Bf16Path> {
+    Bf16Path::detect().filter(|p| *p == Bf16Path::Amx)
 }
 
 /// One layer of a network, as a recipe names it.
@@ -102,6 +110,8 @@ pub struct Net {
     norm: (f32, f32),
     layers: Vec<Resolved>,
     bn_eps: f32,
+    /// The bf16 tile path the convolutions' products run on, if any ([`Net::with_bf16`]).
+    bf16: Option<Bf16Path>,
 }
 
 /// Why a list of layers is not a network the engine runs.
@@ -148,6 +158,8 @@ pub struct StepResult {
 /// A layer's buffers, kept between steps.
 #[derive(Default)]
 struct Buffers {
+    /// A bf16 convolution's own buffers.
+    conv: layers::Bf16Conv,
     /// The layer's output (padded when a convolution reads it).
     out: Vec<f32>,
     /// The gradient of the loss with respect to `out` (padded when `out` is a convolution's).
@@ -263,7 +275,38 @@ impl Net {
             norm,
             layers: out,
             bn_eps,
+            bf16: None,
         })
+    }
+
+    /// Runs the convolutions whose input and output channels are multiples of 32 (a tile's
+    /// 32 values must not straddle two kernel rows) as bf16 tile products on `path`, with
+    /// fp32 master weights, fp32 accumulation and fp32 everywhere else. `path` must be a
+    /// tile path (AMX, or the emulation in tests); panics otherwise.
+    pub fn with_bf16(mut self, path: Bf16Path) -> Net {
+        assert!(
+            matches!(path, Bf16Path::Amx | Bf16Path::Emulated),
+            "the engine's bf16 convolutions need tiles, not {}",
+            path.name()
+        );
+        self.bf16 = Some(path);
+        self
+    }
+
+    /// The bf16 path convolution `(cin, cout)` runs on, if any.
+    fn conv_bf16(&self, cin: usize, cout: usize) -> Option<Bf16Path> {
+        self.bf16.filter(|_| cin.is_multiple_of(32) && cout.is_multiple_of(32))
+    }
+
+    /// The kernel path this network's step runs, which fixes the bits a seed gives:
+    /// `"amx-bf16"` (or `"emulated-bf16"`) when a convolution runs in bf16, else the fp32
+    /// kernels' path (`"avx512-fp32"` or `"portable-fp32"`).
+    pub fn kernel_path(&self) -> &'static str {
+        let bf16 = self.layers.iter().find_map(|l| match *l {
+            Resolved::Conv { cin, cout, .. } => self.conv_bf16(cin, cout),
+            _ => None,
+        });
+        bf16.map_or_else(fmnist::kernels::fp32_path, Bf16Path::name)
     }
 
     /// Shapes of the parameters, in the order steps take and return them: per layer, a
@@ -344,6 +387,13 @@ impl Net {
             match *layer {
                 Resolved::Conv { h, w, cin, cout } => {
                     sized(&mut cur.out, n * h * w * cout);
+                    if let Some(path) = self.conv_bf16(cin, cout) {
+                        let shape = (h, w, cin, cout);
+                        cur.conv
+                            .forward(path, input, n, shape, &params[pi], &mut cur.out);
+                        pi += 1;
+                        continue;
+                    }
                     layers::conv3x3(
                         input,
                         n,
@@ -435,6 +485,12 @@ impl Net {
             match *layer {
                 Resolved::Conv { h, w, cin, cout } => {
                     pi -= 1;
+                    if let Some(path) = self.conv_bf16(cin, cout) {
+                        let shape = (h, w, cin, cout);
+                        let (w, dz) = (&params[pi], &cur.dout);
+                        grads[pi] = cur.conv.backward(path, input, n, shape, w, dz, dinput);
+                        continue;
+                    }
                     grads[pi] = layers::conv3x3_weight_grad(&cur.dout, input, n, h, w, cin, cout);
                     if let Some(dx) = dinput {
                         sized(dx, n * h * w * cin);
@@ -984,6 +1040,103 @@ pub(crate) mod tests {
         let fresh = step(&small, &small_labels, &mut Workspace::default());
         assert_eq!(reused.loss, fresh.loss);
         assert_eq!(reused.grads, fresh.grads);
+    }
+
+    /// ‖a − b‖ / ‖a‖ over all gradients at once.
+    fn relative_l2(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+        let (mut d, mut s) = (0f64, 0f64);
+        for (a, b) in a.iter().zip(b) {
+            for (x, y) in a.iter().zip(b) {
+                d += ((x - y) as f64).powi(2);
+                s += (*x as f64).powi(2);
+            }
+        }
+        (d / s).sqrt()
+    }
+
+    /// Whole networks with bf16 convolutions against the fp32 step on the same batch, on the
+    /// scalar emulation of the tiles (every machine) and on AMX where present.
+    ///
+    /// The kernels are checked against their definitions in `fmnist::kernels::conv_bf16` and
+    /// each layer against fp32 in `layers.rs`; through a network the differences are not
+    /// small, because gradients of small batches are sensitive: multiplying the fp32 step's
+    /// convolution weights by random factors within 1 ± 2^-9 (bf16's rounding) alone moves
+    /// the gradients by 0.6–12 % (relative L2 over all of them). So the bound is relative to that
+    /// sensitivity, measured per network: the bf16 step differs from fp32 by at most 3 times
+    /// what the perturbation does (measured: 1.1–1.4 times), and by under 20 % — a wiring
+    /// error (a flipped tap, a wrong offset) moves them by 100 % or more. Loss within 1 %.
+    /// AMX and the emulation sum the same rounded products in different pair order, so they
+    /// agree to within 1 %; each path gives the same bits again, and on one thread.
+    #[test]
+    fn bf16_matches_fp32_within_its_rounding() {
+        let nets = [
+            ("cnn 32/96", cnn(32, 96, 128, 0.1), 16),
+            ("six gelu 32/32/64", six([32, 32, 64], Act::Gelu), 3),
+            ("six gap relu 32/64/32", six_gap([32, 64, 32], Act::Relu), 8),
+        ];
+        let mut paths = vec![Bf16Path::Emulated];
+        if Bf16Path::Amx.supported() {
+            paths.push(Bf16Path::Amx);
+        } else {
+            eprintln!("skipped: amx-bf16 is not available on this CPU");
+        }
+        for (name, layers, n) in nets {
+            let fp32 = Net::new(28, 1, NORM, &layers, 10, EPS).unwrap();
+            assert_eq!(fp32.kernel_path(), fmnist::kernels::fp32_path());
+            let params = init(&fp32, 9);
+            let (images, labels) = batch(n, 9);
+            let b = Batch {
+                images: &images,
+                labels: &labels,
+                smoothing: 0.1,
+            };
+            let step = |net: &Net, params: &[Vec<f32>]| {
+                net.step(params, &b, &mut rng(9, 3), &mut Workspace::default())
+            };
+            let want = step(&fp32, &params);
+            let mut perturbed = params.clone();
+            let mut r = rng(17, 1);
+            for (p, s) in perturbed.iter_mut().zip(fp32.param_shapes()) {
+                if s.len() == 4 {
+                    p.iter_mut()
+                        .for_each(|v| *v *= 1.0 + r.random_range(-1.0..1.0) * 2f32.powi(-9));
+                }
+            }
+            let sensitivity = relative_l2(&want.grads, &step(&fp32, &perturbed).grads);
+            let mut emulated = None;
+            for &path in &paths {
+                let net = fp32.clone().with_bf16(path);
+                assert_eq!(net.kernel_path(), path.name());
+                let got = step(&net, &params);
+                let what = format!("{name} on {}", path.name());
+                assert!(
+                    (got.loss - want.loss).abs() <= 1e-2 * want.loss,
+                    "{what}: loss {} vs {}",
+                    got.loss,
+                    want.loss
+                );
+                let d = relative_l2(&want.grads, &got.grads);
+                eprintln!("{what}: gradients {d:.4} from fp32 (perturbed fp32: {sensitivity:.4})");
+                assert!(
+                    d <= 3.0 * sensitivity && d < 0.2,
+                    "{what}: {d} vs {sensitivity}"
+                );
+                // Same path, same bits: a second step, and one on a single thread.
+                let again = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .unwrap()
+                    .install(|| step(&net, &params));
+                assert_eq!((again.loss, &again.grads), (got.loss, &got.grads), "{what}");
+                match &emulated {
+                    None => emulated = Some(got),
+                    Some(e) => {
+                        let d = relative_l2(&e.grads, &got.grads);
+                        assert!(d <= sensitivity, "{what} vs emulated: {d}");
+                    }
+                }
+            }
+        }
     }
 
     /// Lists the engine cannot run are refused with the layer and the reason.

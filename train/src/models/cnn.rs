@@ -489,6 +489,22 @@ impl Cnn {
         linear(&xs, out_w, &self.out.1)
     }
 
+    /// Runs the engine's convolutions in bf16 on `path` ([`engine::Net::with_bf16`]).
+    pub fn with_bf16(mut self, path: fmnist::kernels::bf16::Bf16Path) -> Self {
+        self.net = self.net.with_bf16(path);
+        self
+    }
+
+    /// The kernel path a training step on `device` runs ([`engine::Net::kernel_path`] on the
+    /// CPU), which fixes the bits a seed gives.
+    pub fn kernel_path(&self, device: &Device) -> &'static str {
+        if device.is_cpu() {
+            self.net.kernel_path()
+        } else {
+            engine::kernel_path(device)
+        }
+    }
+
     /// One training step on the CPU through the training engine ([`engine`]): returns the
     /// mean loss and the gradients in `params().vars()` order, and updates the batch-norm
     /// running statistics. `r` supplies the dropout mask, as `forward_t` would draw it.
