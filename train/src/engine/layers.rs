@@ -485,18 +485,27 @@ wide_fn! {
         let pw = ow + 2 * pad;
         let offs = window_offsets(w, c);
         let (sc, sh) = (&sc[..c], &sh[..c]);
+        // The four positions' activations first (a plain loop over channels each), then the
+        // comparison: the loops vectorise, with the same values and the same first-wins order.
+        let mut xs_v = vec![0f32; 4 * c];
         for oy in 0..oh {
             for ox in 0..ow {
                 let top = (2 * oy * w + 2 * ox) * c;
                 let zq = offs.map(|d| &zi[top + d..top + d + c]);
+                for (x, zq) in xs_v.chunks_exact_mut(c).zip(&zq) {
+                    for ch in 0..c {
+                        x[ch] = A::f(zq[ch] * sc[ch] + sh[ch]);
+                    }
+                }
+                let xs = [0, 1, 2, 3].map(|q| &xs_v[q * c..(q + 1) * c]);
                 let ob = ((oy + pad) * pw + ox + pad) * c;
                 let o = &mut o[ob..ob + c];
                 let a = &mut a[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
                 let zs = &mut zs[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
                 for ch in 0..c {
                     let (mut best, mut k, mut zb) = (f32::NEG_INFINITY, 0u8, 0.0);
-                    for (q, zq) in zq.iter().enumerate() {
-                        let (z, x) = (zq[ch], A::f(zq[ch] * sc[ch] + sh[ch]));
+                    for q in 0..4 {
+                        let (z, x) = (zq[q][ch], xs[q][ch]);
                         let better = x > best;
                         best = if better { x } else { best };
                         k = if better { q as u8 } else { k };
@@ -535,16 +544,17 @@ fn bn_backward_coefficients(
 }
 
 /// Per chunk of rows, Σg' and Σg'·(z − μ) per channel, with `g' = A::pass(dy, z·scale +
-/// shift)`.
+/// shift)`; `dy` is overwritten with `g'`, which the second pass then reads instead of
+/// evaluating the activation's gradient again.
 fn bn_partial_sums<A: Activation>(
-    dy: &[f32],
+    dy: &mut [f32],
     z: &[f32],
     c: usize,
     rows_per_task: usize,
     bn: &Bn,
 ) -> Vec<(Vec<f32>, Vec<f32>)> {
     let chunk = rows_per_task * c;
-    dy.par_chunks(chunk)
+    dy.par_chunks_mut(chunk)
         .zip(z.par_chunks(chunk))
         .map(|(g, zs)| bn_partial_sums_chunk::<A>(g, zs, c, &bn.scale, &bn.shift, &bn.mean))
         .collect()
@@ -553,7 +563,7 @@ fn bn_partial_sums<A: Activation>(
 wide_fn! {
     /// One chunk of [`bn_partial_sums`].
     fn bn_partial_sums_chunk<A: Activation>(
-        g: &[f32],
+        g: &mut [f32],
         zs: &[f32],
         c: usize,
         sc: &[f32],
@@ -564,9 +574,10 @@ wide_fn! {
         // Slices of exactly `c` values let the compiler drop bounds checks and vectorise.
         let (sg, sgx) = (&mut sg_v[..c], &mut sgx_v[..c]);
         let (sc, sh, mean) = (&sc[..c], &sh[..c], &mean[..c]);
-        for (g, zs) in g.chunks_exact(c).zip(zs.chunks_exact(c)) {
+        for (g, zs) in g.chunks_exact_mut(c).zip(zs.chunks_exact(c)) {
             for ch in 0..c {
                 let gp = A::pass(g[ch], zs[ch] * sc[ch] + sh[ch]);
+                g[ch] = gp;
                 sg[ch] += gp;
                 sgx[ch] += gp * (zs[ch] - mean[ch]);
             }
@@ -580,7 +591,7 @@ wide_fn! {
 /// Returns (dγ, dβ).
 pub fn bn_act_backward(
     act: Act,
-    dy: &[f32],
+    dy: &mut [f32],
     z: &[f32],
     s: BnShape,
     bn: &Bn,
@@ -593,20 +604,17 @@ pub fn bn_act_backward(
 }
 
 fn bn_act_backward_with<A: Activation>(
-    dy: &[f32],
+    dy: &mut [f32],
     z: &[f32],
     s: BnShape,
     bn: &Bn,
     dz: &mut [f32],
 ) -> (Vec<f32>, Vec<f32>) {
     let BnShape { n, h, w, c, .. } = s;
-    let (sc, sh) = (&bn.scale[..c], &bn.shift[..c]);
     let len = n * h * w * c;
-    let partial = bn_partial_sums::<A>(&dy[..len], &z[..len], c, IMAGES_PER_TASK * h * w, bn);
+    let partial = bn_partial_sums::<A>(&mut dy[..len], &z[..len], c, IMAGES_PER_TASK * h * w, bn);
     let (ca, cb, ce, dgamma, dbeta) = bn_backward_coefficients(bn, &partial, c, n * h * w);
     let k = BackCoefficients {
-        sc,
-        sh,
         ca: &ca,
         cb: &cb,
         ce: &ce,
@@ -617,46 +625,40 @@ fn bn_act_backward_with<A: Activation>(
         .enumerate()
         .for_each(|(img, d)| {
             let rows = img * h * w * c..(img + 1) * h * w * c;
-            bn_act_backward_image::<A>(&z[rows.clone()], &dy[rows], d, &k, (h, w, c));
+            bn_act_backward_image(&z[rows.clone()], &dy[rows], d, &k, (h, w, c));
         });
     (dgamma, dbeta)
 }
 
-/// Per channel: batch-norm's scale and shift, and the backward map `dz = a·g' + b + e·z`.
+/// Per channel, the backward map `dz = a·g' + b + e·z`.
 struct BackCoefficients<'a> {
-    sc: &'a [f32],
-    sh: &'a [f32],
     ca: &'a [f32],
     cb: &'a [f32],
     ce: &'a [f32],
 }
 
-wide_fn! {
-    /// One image of [`bn_act_backward`]'s second pass.
-    fn bn_act_backward_image<A: Activation>(
-        zi: &[f32],
-        gi: &[f32],
-        d: &mut [f32],
-        k: &BackCoefficients,
-        hwc: (usize, usize, usize),
-    ) {
-        let (h, w, c) = hwc;
-        let wp = w + 2;
-        let (sc, sh, ca, cb, ce) = (&k.sc[..c], &k.sh[..c], &k.ca[..c], &k.cb[..c], &k.ce[..c]);
-        for y in 0..h {
-            let rz = &zi[y * w * c..(y + 1) * w * c];
-            let rg = &gi[y * w * c..(y + 1) * w * c];
-            let db = ((y + 1) * wp + 1) * c;
-            let rd = &mut d[db..db + w * c];
-            for ((d, z), g) in rd
-                .chunks_exact_mut(c)
-                .zip(rz.chunks_exact(c))
-                .zip(rg.chunks_exact(c))
-            {
-                for ch in 0..c {
-                    let gp = A::pass(g[ch], z[ch] * sc[ch] + sh[ch]);
-                    d[ch] = ca[ch] * gp + cb[ch] + ce[ch] * z[ch];
-                }
+/// One image of [`bn_act_backward`]'s second pass, from `g'` (the first pass's).
+fn bn_act_backward_image(
+    zi: &[f32],
+    gi: &[f32],
+    d: &mut [f32],
+    k: &BackCoefficients,
+    (h, w, c): (usize, usize, usize),
+) {
+    let wp = w + 2;
+    let (ca, cb, ce) = (&k.ca[..c], &k.cb[..c], &k.ce[..c]);
+    for y in 0..h {
+        let rz = &zi[y * w * c..(y + 1) * w * c];
+        let rg = &gi[y * w * c..(y + 1) * w * c];
+        let db = ((y + 1) * wp + 1) * c;
+        let rd = &mut d[db..db + w * c];
+        for ((d, z), gp) in rd
+            .chunks_exact_mut(c)
+            .zip(rz.chunks_exact(c))
+            .zip(rg.chunks_exact(c))
+        {
+            for ch in 0..c {
+                d[ch] = ca[ch] * gp[ch] + cb[ch] + ce[ch] * z[ch];
             }
         }
     }
@@ -668,7 +670,7 @@ wide_fn! {
 #[allow(clippy::too_many_arguments)]
 pub fn bn_act_pool_backward(
     act: Act,
-    dp: &[f32],
+    dp: &mut [f32],
     arg: &[u8],
     zsel: &[f32],
     z: &[f32],
@@ -683,7 +685,7 @@ pub fn bn_act_pool_backward(
 }
 
 fn bn_act_pool_backward_with<A: Activation>(
-    dp: &[f32],
+    dp: &mut [f32],
     arg: &[u8],
     zsel: &[f32],
     z: &[f32],
@@ -696,9 +698,9 @@ fn bn_act_pool_backward_with<A: Activation>(
     let pooled = oh * ow * c;
     let img_p = (h + 2) * (w + 2) * c;
     // Pass 1: the gradient reaches only each window's winner, so only the winners' conv
-    // values (`zsel`) are read.
+    // values (`zsel`) are read; `dp` becomes the winners' g'.
     let partial = bn_partial_sums::<A>(
-        &dp[..n * pooled],
+        &mut dp[..n * pooled],
         &zsel[..n * pooled],
         c,
         IMAGES_PER_TASK * oh * ow,
@@ -706,8 +708,6 @@ fn bn_act_pool_backward_with<A: Activation>(
     );
     let (ca, cb, ce, dgamma, dbeta) = bn_backward_coefficients(bn, &partial, c, n * h * w);
     let k = BackCoefficients {
-        sc: &bn.scale,
-        sh: &bn.shift,
         ca: &ca,
         cb: &cb,
         ce: &ce,
@@ -718,11 +718,10 @@ fn bn_act_pool_backward_with<A: Activation>(
         .enumerate()
         .for_each(|(img, d)| {
             let pooled_img = img * pooled..(img + 1) * pooled;
-            bn_act_pool_backward_image::<A>(
+            bn_act_pool_backward_image(
                 &z[img * h * w * c..(img + 1) * h * w * c],
                 &arg[pooled_img.clone()],
-                &dp[pooled_img.clone()],
-                &zsel[pooled_img],
+                &dp[pooled_img],
                 d,
                 &k,
                 (h, w, c),
@@ -731,58 +730,48 @@ fn bn_act_pool_backward_with<A: Activation>(
     (dgamma, dbeta)
 }
 
-wide_fn! {
-    /// One image of [`bn_act_pool_backward`]'s second pass.
-    fn bn_act_pool_backward_image<A: Activation>(
-        zi: &[f32],
-        arg: &[u8],
-        dp: &[f32],
-        zsel: &[f32],
-        d: &mut [f32],
-        k: &BackCoefficients,
-        hwc: (usize, usize, usize),
-    ) {
-        let (h, w, c) = hwc;
-        let (oh, ow) = (h / 2, w / 2);
-        let wp = w + 2;
-        let z_offs = window_offsets(w, c);
-        let d_offs = window_offsets(wp, c);
-        let (sc, sh, ca, cb, ce) = (&k.sc[..c], &k.sh[..c], &k.ca[..c], &k.cb[..c], &k.ce[..c]);
-        let mut gp_v = vec![0f32; c];
-        let gp = &mut gp_v[..c];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let pb = (oy * ow + ox) * c;
-                let (a, g, zw) = (&arg[pb..pb + c], &dp[pb..pb + c], &zsel[pb..pb + c]);
-                // Only the winner's position gets a gradient through the pool: its g' once
-                // per window (the activation's gradient is the costly part).
+/// One image of [`bn_act_pool_backward`]'s second pass, from the winners' `g'`.
+fn bn_act_pool_backward_image(
+    zi: &[f32],
+    arg: &[u8],
+    gp: &[f32],
+    d: &mut [f32],
+    k: &BackCoefficients,
+    (h, w, c): (usize, usize, usize),
+) {
+    let (oh, ow) = (h / 2, w / 2);
+    let wp = w + 2;
+    let z_offs = window_offsets(w, c);
+    let d_offs = window_offsets(wp, c);
+    let (ca, cb, ce) = (&k.ca[..c], &k.cb[..c], &k.ce[..c]);
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let pb = (oy * ow + ox) * c;
+            let (a, gp) = (&arg[pb..pb + c], &gp[pb..pb + c]);
+            let ztop = (2 * oy * w + 2 * ox) * c;
+            let dtop = ((2 * oy + 1) * wp + 2 * ox + 1) * c;
+            for q in 0..4 {
+                let zq = &zi[ztop + z_offs[q]..ztop + z_offs[q] + c];
+                let dq = &mut d[dtop + d_offs[q]..dtop + d_offs[q] + c];
                 for ch in 0..c {
-                    gp[ch] = A::pass(g[ch], zw[ch] * sc[ch] + sh[ch]);
-                }
-                let ztop = (2 * oy * w + 2 * ox) * c;
-                let dtop = ((2 * oy + 1) * wp + 2 * ox + 1) * c;
-                for q in 0..4 {
-                    let zq = &zi[ztop + z_offs[q]..ztop + z_offs[q] + c];
-                    let dq = &mut d[dtop + d_offs[q]..dtop + d_offs[q] + c];
-                    for ch in 0..c {
-                        let gq = if a[ch] as usize == q { gp[ch] } else { 0.0 };
-                        dq[ch] = ca[ch] * gq + cb[ch] + ce[ch] * zq[ch];
-                    }
+                    // Only the window's winner gets a gradient through the pool.
+                    let gq = if a[ch] as usize == q { gp[ch] } else { 0.0 };
+                    dq[ch] = ca[ch] * gq + cb[ch] + ce[ch] * zq[ch];
                 }
             }
         }
-        // An odd side's last row or column is in no window (the pool floors, as PyTorch's
-        // and ONNX's do): no gradient reaches it through the pool, but batch-norm's
-        // statistics still tie it to every other value.
-        for y in 0..h {
-            let xs = if y < 2 * oh { 2 * ow..w } else { 0..w };
-            for x in xs {
-                let zq = &zi[(y * w + x) * c..(y * w + x + 1) * c];
-                let db = ((y + 1) * wp + x + 1) * c;
-                let dq = &mut d[db..db + c];
-                for ch in 0..c {
-                    dq[ch] = cb[ch] + ce[ch] * zq[ch];
-                }
+    }
+    // An odd side's last row or column is in no window (the pool floors, as PyTorch's and
+    // ONNX's do): no gradient reaches it through the pool, but batch-norm's statistics still
+    // tie it to every other value.
+    for y in 0..h {
+        let xs = if y < 2 * oh { 2 * ow..w } else { 0..w };
+        for x in xs {
+            let zq = &zi[(y * w + x) * c..(y * w + x + 1) * c];
+            let db = ((y + 1) * wp + x + 1) * c;
+            let dq = &mut d[db..db + c];
+            for ch in 0..c {
+                dq[ch] = cb[ch] + ce[ch] * zq[ch];
             }
         }
     }

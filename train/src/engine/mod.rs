@@ -295,7 +295,8 @@ impl Net {
 
     /// The bf16 path convolution `(cin, cout)` runs on, if any.
     fn conv_bf16(&self, cin: usize, cout: usize) -> Option<Bf16Path> {
-        self.bf16.filter(|_| cin.is_multiple_of(32) && cout.is_multiple_of(32))
+        self.bf16
+            .filter(|_| cin.is_multiple_of(32) && cout.is_multiple_of(32))
     }
 
     /// The kernel path this network's step runs, which fixes the bits a seed gives:
@@ -527,10 +528,17 @@ impl Net {
                     let z = &input[..n * h * w * c];
                     let (dg, db) = if pool {
                         layers::bn_act_pool_backward(
-                            act, &cur.dout, &cur.arg, &cur.zsel, z, s, &cur.bn, dz,
+                            act,
+                            &mut cur.dout,
+                            &cur.arg,
+                            &cur.zsel,
+                            z,
+                            s,
+                            &cur.bn,
+                            dz,
                         )
                     } else {
-                        layers::bn_act_backward(act, &cur.dout, z, s, &cur.bn, dz)
+                        layers::bn_act_backward(act, &mut cur.dout, z, s, &cur.bn, dz)
                     };
                     grads[pi] = dg;
                     grads[pi + 1] = db;
