@@ -483,21 +483,22 @@ wide_fn! {
         let (h, w, c) = hwc;
         let (oh, ow) = (h / 2, w / 2);
         let pw = ow + 2 * pad;
-        let offs = window_offsets(w, c);
         let (sc, sh) = (&sc[..c], &sh[..c]);
-        // The four positions' activations first (a plain loop over channels each), then the
-        // comparison: the loops vectorise, with the same values and the same first-wins order.
-        let mut xs_v = vec![0f32; 4 * c];
+        // Each pair of rows' activations first, as the plain channel loop [`bn_act_image`]
+        // runs (it vectorises), then the 2×2 comparisons over them: the same values, the same
+        // first-wins order.
+        let mut xs_v = vec![0f32; 2 * w * c];
         for oy in 0..oh {
-            for ox in 0..ow {
-                let top = (2 * oy * w + 2 * ox) * c;
-                let zq = offs.map(|d| &zi[top + d..top + d + c]);
-                for (x, zq) in xs_v.chunks_exact_mut(c).zip(&zq) {
-                    for ch in 0..c {
-                        x[ch] = A::f(zq[ch] * sc[ch] + sh[ch]);
-                    }
+            let zr = &zi[2 * oy * w * c..(2 * oy + 2) * w * c];
+            for (x, z) in xs_v.chunks_exact_mut(c).zip(zr.chunks_exact(c)) {
+                for ch in 0..c {
+                    x[ch] = A::f(z[ch] * sc[ch] + sh[ch]);
                 }
-                let xs = [0, 1, 2, 3].map(|q| &xs_v[q * c..(q + 1) * c]);
+            }
+            for ox in 0..ow {
+                let at = [0, c, w * c, (w + 1) * c].map(|d| 2 * ox * c + d);
+                let zq = at.map(|i| &zr[i..i + c]);
+                let xq = at.map(|i| &xs_v[i..i + c]);
                 let ob = ((oy + pad) * pw + ox + pad) * c;
                 let o = &mut o[ob..ob + c];
                 let a = &mut a[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
@@ -505,7 +506,7 @@ wide_fn! {
                 for ch in 0..c {
                     let (mut best, mut k, mut zb) = (f32::NEG_INFINITY, 0u8, 0.0);
                     for q in 0..4 {
-                        let (z, x) = (zq[q][ch], xs[q][ch]);
+                        let (z, x) = (zq[q][ch], xq[q][ch]);
                         let better = x > best;
                         best = if better { x } else { best };
                         k = if better { q as u8 } else { k };
