@@ -93,6 +93,24 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Xor",
 ];
 
+/// How many inputs candle-onnx 0.11's evaluator reads from a node without checking that they
+/// exist (it indexes them directly and would panic on fewer; the fuzzer found a two-input
+/// `Gemm`). Optional inputs it does check (a convolution's bias, `Slice`'s axes and steps,
+/// `Resize`'s scales and sizes, `Split`'s sizes, `Squeeze`'s axes) are not counted.
+fn required_inputs(node: &onnx::NodeProto) -> usize {
+    match node.op_type.as_str() {
+        "Constant" => 0,
+        "BatchNormalization" => 5,
+        "Gemm" | "Range" | "Slice" | "Where" => 3,
+        "Add" | "And" | "Conv" | "CumSum" | "Div" | "Equal" | "Expand" | "Gather"
+        | "GatherElements" | "Greater" | "GreaterOrEqual" | "Less" | "LessOrEqual" | "MatMul"
+        | "Mul" | "Or" | "PRelu" | "Pad" | "Pow" | "Reshape" | "Sub" | "Tile" | "Xor" => 2,
+        // Its axes come from the attribute when there is one, else from the second input.
+        "Unsqueeze" if !node.attribute.iter().any(|a| a.name == "axes") => 2,
+        _ => 1,
+    }
+}
+
 /// The most values one initializer may hold: 2^28 (1 GiB of float32). VGG16's largest,
 /// its first fully connected layer, holds 102.8 M.
 pub const MAX_TENSOR_VALUES: usize = 1 << 28;
@@ -120,6 +138,16 @@ pub enum ModelError {
         path: PathBuf,
         node: String,
         op: String,
+    },
+    #[error(
+        "{path}: node '{node}' ({op}) has {inputs} inputs where candle-onnx reads {want}, or no output"
+    )]
+    NodeArity {
+        path: PathBuf,
+        node: String,
+        op: String,
+        inputs: usize,
+        want: usize,
     },
     #[error(
         "{path}: input '{name}' has shape {found}; expected [N,1,28,28], [N,784] or [N,3,H,W] (float32)"
@@ -309,6 +337,16 @@ impl OnnxModel {
                     path,
                     node: n.name.clone(),
                     op: n.op_type.clone(),
+                });
+            }
+            let want = required_inputs(n);
+            if n.input.len() < want || n.output.is_empty() {
+                return Err(ModelError::NodeArity {
+                    path,
+                    node: n.name.clone(),
+                    op: n.op_type.clone(),
+                    inputs: n.input.len(),
+                    want,
                 });
             }
         }
@@ -689,6 +727,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("[?,5,32,32]"), "{err}");
+    }
+
+    /// A node with fewer inputs than candle-onnx reads (the fuzzer's two-input `Gemm`, a
+    /// one-input `Add`) is refused at load with the node named, instead of panicking inside
+    /// candle-onnx on the first request; the shipped-style graph still loads.
+    #[test]
+    fn nodes_missing_inputs_are_refused_at_load() {
+        for op in ["Gemm", "Add", "Conv"] {
+            let mut proto = build_model(&rgb_spec(32)).unwrap();
+            let g = proto.graph.as_mut().unwrap();
+            let Some(n) = g.node.iter_mut().find(|n| n.op_type == op) else {
+                continue;
+            };
+            n.input.truncate(1);
+            let name = n.name.clone();
+            let err = OnnxModel::from_proto("m.onnx".into(), proto, 0)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&name) && err.contains(op), "{err}");
+        }
+        let mut proto = build_model(&rgb_spec(32)).unwrap();
+        let g = proto.graph.as_mut().unwrap();
+        g.node[0].op_type = "Gemm".into();
+        g.node[0].input.truncate(2);
+        let err = OnnxModel::from_proto("m.onnx".into(), proto, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2 inputs") && err.contains("reads 3"), "{err}");
+        assert!(
+            OnnxModel::from_proto("m.onnx".into(), build_model(&rgb_spec(32)).unwrap(), 0).is_ok()
+        );
     }
 
     /// Every shape and size is checked before candle allocates: each case here would
