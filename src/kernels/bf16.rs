@@ -302,23 +302,10 @@ pub fn gemm_bf16(
     threads: bool,
 ) {
     assert_eq!(a.k, b.k, "gemm_bf16: a is ·×{} but b is {}×·", a.k, b.k);
-    let (m, n) = (a.m, b.n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        n <= ldc && (m - 1) * ldc + n <= c.len(),
-        "gemm_bf16: c too small"
-    );
-    assert!(
-        path.supported(),
-        "gemm_bf16: {} is not available here",
-        path.name()
-    );
     match path {
         #[cfg(target_arch = "x86_64")]
-        Bf16Path::Avx512Bf16 => split_rows(m, c, ldc, n, threads, |r0, rows, c| {
-            // SAFETY: `supported()` checked the CPU above.
+        Bf16Path::Avx512Bf16 => split_rows(path, a.m, b.n, c, ldc, threads, |r0, rows, c| {
+            // SAFETY: `split_rows` checked `supported()` before calling.
             unsafe { avx512bf16::gemm_rows(a, b, r0, rows, c, ldc) }
         }),
         _ => run_tiles(path, a, b, c, ldc, threads),
@@ -334,7 +321,35 @@ pub(super) fn run_tiles<A: TileSource>(
     ldc: usize,
     threads: bool,
 ) {
-    let (m, n) = (a.rows(), b.n);
+    split_rows(
+        path,
+        a.rows(),
+        b.n,
+        c,
+        ldc,
+        threads,
+        |r0, rows, c| match path {
+            Bf16Path::Emulated => tiled(&mut Emulated::default(), a, b, r0, rows, c, ldc),
+            // SAFETY: `split_rows` checked `supported()` (CPU and AMX permission) before calling.
+            #[cfg(target_arch = "x86_64")]
+            Bf16Path::Amx => unsafe { super::amx::gemm_rows(a, b, r0, rows, c, ldc) },
+            _ => panic!("{} has no tile operations", path.name()),
+        },
+    );
+}
+
+/// Runs `run(r0, rows, c)` over blocks of [`ROWS_PER_TASK`] rows of the `m × n` product `c`
+/// (on rayon's threads with `threads`); each value is summed by one thread in one order either
+/// way. Checks, for every path, that `c` is large enough and that `path` runs here.
+fn split_rows(
+    path: Bf16Path,
+    m: usize,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    threads: bool,
+    run: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -347,25 +362,6 @@ pub(super) fn run_tiles<A: TileSource>(
         "bf16 product: {} is not available here",
         path.name()
     );
-    split_rows(m, c, ldc, n, threads, |r0, rows, c| match path {
-        Bf16Path::Emulated => tiled(&mut Emulated::default(), a, b, r0, rows, c, ldc),
-        // SAFETY: `supported()` checked the CPU (and AMX permission) above.
-        #[cfg(target_arch = "x86_64")]
-        Bf16Path::Amx => unsafe { super::amx::gemm_rows(a, b, r0, rows, c, ldc) },
-        _ => panic!("{} has no tile operations", path.name()),
-    });
-}
-
-/// Runs `run(r0, rows, c)` over blocks of [`ROWS_PER_TASK`] rows of `c` (on rayon's threads
-/// with `threads`); each value is summed by one thread in one order either way.
-fn split_rows(
-    m: usize,
-    c: &mut [f32],
-    ldc: usize,
-    n: usize,
-    threads: bool,
-    run: impl Fn(usize, usize, &mut [f32]) + Sync,
-) {
     let c = &mut c[..(m - 1) * ldc + n];
     let task = |(t, c): (usize, &mut [f32])| {
         let r0 = t * ROWS_PER_TASK;
@@ -602,10 +598,11 @@ mod avx512bf16 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [−1, 1) (an LCG), for the kernels' tests.
+    pub(in crate::kernels) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {

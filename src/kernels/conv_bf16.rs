@@ -249,18 +249,7 @@ pub fn weight_grad_bf16(
 mod tests {
     use super::*;
     use crate::kernels::bf16::from_bf16;
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::bf16::tests::values;
 
     /// `n` padded images with random interiors and zero borders.
     fn padded(n: usize, h: usize, w: usize, c: usize, seed: u64) -> Vec<f32> {

@@ -30,19 +30,6 @@ pub use layers::Act;
 use layers::{sized, Bn, BnShape};
 use rand_chacha::ChaCha8Rng;
 
-/// The kernel path a training step on `device` runs, which fixes the order of every sum and
-/// so the bits a seed gives: `"avx512-fp32"` or `"portable-fp32"` on the CPU (this engine),
-/// `"candle-cuda"` or `"candle-metal"` elsewhere (candle's ops with autograd).
-pub fn kernel_path(device: &candle_core::Device) -> &'static str {
-    if device.is_cpu() {
-        fmnist::kernels::fp32_path()
-    } else if device.is_cuda() {
-        "candle-cuda"
-    } else {
-        "candle-metal"
-    }
-}
-
 /// The bf16 path `train` uses by default on this CPU: AMX tiles where present (and permitted
 /// by the kernel), else none. AVX512_BF16 alone (AMD Zen 4, for instance) is not used: its
 /// register kernel measured slower than the fp32 one (BENCHMARKS.md).

@@ -495,13 +495,16 @@ impl Cnn {
         self
     }
 
-    /// The kernel path a training step on `device` runs ([`engine::Net::kernel_path`] on the
-    /// CPU), which fixes the bits a seed gives.
+    /// The kernel path a training step on `device` runs, which fixes the order of every sum
+    /// and so the bits a seed gives: on the CPU the engine's ([`engine::Net::kernel_path`]),
+    /// elsewhere `"candle-cuda"` or `"candle-metal"` (candle's ops with autograd).
     pub fn kernel_path(&self, device: &Device) -> &'static str {
         if device.is_cpu() {
             self.net.kernel_path()
+        } else if device.is_cuda() {
+            "candle-cuda"
         } else {
-            engine::kernel_path(device)
+            "candle-metal"
         }
     }
 
