@@ -82,6 +82,18 @@ pub fn gelu_grad(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * exp(-0.5 * x * x)
 }
 
+/// [`gelu`] and [`gelu_grad`] together, sharing the error function: the same expressions, so
+/// the same bits as calling both. The training engine's forward pass keeps the gradient for
+/// its backward pass, which then evaluates no error function.
+#[inline(always)]
+pub fn gelu_and_grad(x: f32) -> (f32, f32) {
+    let e = erf(x * FRAC_1_SQRT_2);
+    (
+        0.5 * x * (1.0 + e),
+        0.5 * (1.0 + e) + x * FRAC_1_SQRT_2PI * exp(-0.5 * x * x),
+    )
+}
+
 /// [`gelu`] over a slice, in place.
 pub fn gelu_in_place(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = gelu(*v));
@@ -190,6 +202,17 @@ mod tests {
                 (got - analytic).abs() < 1e-6,
                 "gelu'({x}) = {got}, want {analytic}"
             );
+        }
+    }
+
+    /// The shared evaluation is bit for bit the two separate ones (the training engine's
+    /// golden hashes depend on it).
+    #[test]
+    fn gelu_and_grad_equal_the_separate_functions() {
+        for x in grid() {
+            let (f, d) = gelu_and_grad(x);
+            assert_eq!(f.to_bits(), gelu(x).to_bits(), "gelu({x})");
+            assert_eq!(d.to_bits(), gelu_grad(x).to_bits(), "gelu'({x})");
         }
     }
 

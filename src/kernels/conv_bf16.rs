@@ -20,7 +20,7 @@
 //! These run on the tile paths only (AMX, or its scalar emulation in tests): the AVX512_BF16
 //! register kernel reads a padded matrix and measured slower than fp32 anyway.
 
-use super::bf16::{run_tiles, to_bf16, Bf16Path, PackedBf16, TileSource, TILE_K, TILE_M};
+use super::bf16::{round_into, run_tiles, Bf16Path, PackedBf16, TileSource, TILE_K, TILE_M};
 use rayon::prelude::*;
 
 /// Grid positions of `n` padded images and the number of product rows over them.
@@ -42,17 +42,26 @@ pub fn grid_rows(n: usize, h: usize, w: usize) -> usize {
     grid(n, h, w).1
 }
 
+/// Sizes `out` as a bf16 padded buffer of `n` images `[h+2, w+2, c]` ([`padded_len`]) and
+/// zeroes the slack past the grid. Whoever fills the images writes their interiors only: the
+/// borders are zero from the allocation and never written (a buffer keeps its shape per
+/// layer; only `n` changes, which moves no image).
+pub fn padded_buffer(out: &mut Vec<u16>, n: usize, h: usize, w: usize, c: usize) -> &mut [u16] {
+    let len = grid(n, h, w).0 * c;
+    out.resize(padded_len(n, h, w, c), 0);
+    out[len..].fill(0);
+    &mut out[..len]
+}
+
 /// Rounds a padded fp32 buffer (`[r, c]` grid values) to bf16 with the slack [`Windows`]
 /// needs, on rayon's threads.
 pub fn round_padded(x: &[f32], n: usize, h: usize, w: usize, c: usize, out: &mut Vec<u16>) {
     let len = grid(n, h, w).0 * c;
     assert!(x.len() >= len, "round_padded: buffer too small");
-    out.resize(padded_len(n, h, w, c), 0);
-    out[len..].fill(0);
-    out[..len]
+    padded_buffer(out, n, h, w, c)
         .par_chunks_mut(1 << 14)
         .zip(x[..len].par_chunks(1 << 14))
-        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d = to_bf16(*s)));
+        .for_each(|(d, s)| round_into(s, d));
 }
 
 /// A convolution's left operand: for product row `k`, the three kernel rows' `3·c` values
@@ -148,11 +157,13 @@ fn transposed_stride(r: usize) -> usize {
     r.div_ceil(TILE_K) * TILE_K + TILE_K
 }
 
-/// The padded fp32 buffer `x` (`[r, c]` grid values) rounded and transposed to `[c][stride]`
-/// (zeros past `r`), the weight gradient's left operand; returns the stride. Channel blocks of
-/// 16 run on rayon's threads, each reading its 64 bytes of every position once.
+/// The rounded padded buffer `xb` ([`round_padded`]: `[r, c]` grid values) transposed to
+/// `[c][stride]` (zeros past `r`), the weight gradient's left operand; returns the stride.
+/// The training step passes the buffer its forward pass rounded, so nothing is rounded twice.
+/// Channel blocks of 16 run on rayon's threads; each gathers 64 positions of its 16 channels
+/// into a small block and writes 16 contiguous runs, instead of 16 two-byte streams.
 pub fn transpose_padded(
-    x: &[f32],
+    xb: &[u16],
     n: usize,
     h: usize,
     w: usize,
@@ -164,16 +175,24 @@ pub fn transpose_padded(
         "transpose_padded: channels in 16s, not {c}"
     );
     let r = grid(n, h, w).0;
-    assert!(x.len() >= r * c, "transpose_padded: buffer too small");
+    assert!(xb.len() >= r * c, "transpose_padded: buffer too small");
     let stride = transposed_stride(r);
     out.resize(c * stride, 0);
+    const BLOCK: usize = 64;
     out.par_chunks_mut(TILE_M * stride)
         .enumerate()
         .for_each(|(b, rows)| {
             let c0 = b * TILE_M;
-            for (q, v) in x[..r * c].chunks_exact(c).enumerate() {
-                for (j, v) in v[c0..c0 + TILE_M].iter().enumerate() {
-                    rows[j * stride + q] = to_bf16(*v);
+            let mut block = [[0u16; BLOCK]; TILE_M];
+            for q0 in (0..r).step_by(BLOCK) {
+                let len = (r - q0).min(BLOCK);
+                for (i, v) in xb[q0 * c..(q0 + len) * c].chunks_exact(c).enumerate() {
+                    for (j, &v) in v[c0..c0 + TILE_M].iter().enumerate() {
+                        block[j][i] = v;
+                    }
+                }
+                for (j, run) in block.iter().enumerate() {
+                    rows[j * stride + q0..][..len].copy_from_slice(&run[..len]);
                 }
             }
             for j in 0..TILE_M {
@@ -248,8 +267,8 @@ pub fn weight_grad_bf16(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::bf16::from_bf16;
     use crate::kernels::bf16::tests::values;
+    use crate::kernels::bf16::{from_bf16, to_bf16};
 
     /// `n` padded images with random interiors and zero borders.
     fn padded(n: usize, h: usize, w: usize, c: usize, seed: u64) -> Vec<f32> {
@@ -380,8 +399,9 @@ mod tests {
                 }
             }
             for path in paths() {
-                let mut xt = vec![9u16; 5];
-                let stride = transpose_padded(&x, n, h, w, cin, &mut xt);
+                let (mut xb, mut xt) = (Vec::new(), vec![9u16; 5]);
+                round_padded(&x, n, h, w, cin, &mut xb);
+                let stride = transpose_padded(&xb, n, h, w, cin, &mut xt);
                 assert!(xt[..]
                     .chunks(stride)
                     .all(|row| row[rr..].iter().all(|&v| v == 0)));
@@ -443,10 +463,13 @@ mod tests {
         round_padded(&small, 1, 2, 3, 32, &mut a);
         round_padded(&small, 1, 2, 3, 32, &mut b);
         assert_eq!(a, b);
+        let (mut bigb, mut smallb) = (Vec::new(), Vec::new());
+        round_padded(&big, 3, 6, 6, 32, &mut bigb);
+        round_padded(&small, 1, 2, 3, 32, &mut smallb);
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        transpose_padded(&big, 3, 6, 6, 32, &mut a);
-        let s1 = transpose_padded(&small, 1, 2, 3, 32, &mut a);
-        let s2 = transpose_padded(&small, 1, 2, 3, 32, &mut b);
+        transpose_padded(&bigb, 3, 6, 6, 32, &mut a);
+        let s1 = transpose_padded(&smallb, 1, 2, 3, 32, &mut a);
+        let s2 = transpose_padded(&smallb, 1, 2, 3, 32, &mut b);
         assert_eq!((s1, &a[..32 * s1]), (s2, &b[..]));
     }
 }

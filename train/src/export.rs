@@ -4,6 +4,7 @@ use crate::models::Classifier;
 use crate::train::save_tensors_atomic;
 use anyhow::{Context, Result};
 use fmnist::onnx::{writer, GraphSpec};
+use fmnist::OnnxModel;
 use fmnist::{CLASS_NAMES, NUM_CLASSES};
 use std::path::Path;
 
@@ -14,23 +15,44 @@ pub fn export(model: &dyn Classifier, out: &Path, metadata: Vec<(String, String)
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "fmnist".into());
+    writer::write_model(out, &graph_spec(model, name, metadata)?)?;
+    let st = out.with_extension("safetensors");
+    save_tensors_atomic(&st, &model.params().tensors())
+        .with_context(|| format!("writing {}", st.display()))?;
+    Ok(())
+}
+
+/// The ONNX graph of `model` as [`export`] writes it, class names first in its metadata.
+fn graph_spec(
+    model: &dyn Classifier,
+    name: String,
+    metadata: Vec<(String, String)>,
+) -> Result<GraphSpec> {
     let mut meta = vec![(
         "class_names".to_string(),
         serde_json::to_string(&CLASS_NAMES)?,
     )];
     meta.extend(metadata);
-    let spec = GraphSpec {
+    Ok(GraphSpec {
         name,
         input: model.layout(),
         num_classes: NUM_CLASSES,
         layers: model.export_layers()?,
         metadata: meta,
-    };
-    writer::write_model(out, &spec)?;
-    let st = out.with_extension("safetensors");
-    save_tensors_atomic(&st, &model.params().tensors())
-        .with_context(|| format!("writing {}", st.display()))?;
-    Ok(())
+    })
+}
+
+/// The graph [`export`] would write for `model`, loaded in memory as the server loads a file
+/// (the planned executor when it covers the graph). Validation runs through it: it measures
+/// what the exported file computes, and the executor is several times faster than candle's
+/// forward pass.
+pub fn in_memory(model: &dyn Classifier) -> Result<OnnxModel> {
+    let proto = writer::build_model(&graph_spec(model, "validation".into(), vec![])?)?;
+    Ok(OnnxModel::from_proto(
+        std::path::PathBuf::from("<in memory>"),
+        proto,
+        0,
+    )?)
 }
 
 #[cfg(test)]
@@ -41,7 +63,6 @@ pub(crate) mod tests {
     use crate::models::cnn::{Cnn, CnnConfig};
     use candle_core::Device;
     use fmnist::onnx::model::argmax;
-    use fmnist::OnnxModel;
 
     /// The exported file at `out`, run through candle-onnx, gives `model`'s logits (within
     /// `tol`) and the same class on every image of `data`. Returns the loaded file.

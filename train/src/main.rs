@@ -1,5 +1,8 @@
 //! `fmnist-train`: convert data, train, evaluate and export Fashion-MNIST classifiers.
 
+#[macro_use]
+mod wide;
+
 mod bench;
 mod data;
 mod engine;
@@ -49,7 +52,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model and write it as ONNX (+ .safetensors and .json beside it).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate an ONNX model or a safetensors checkpoint on a labelled data file.
     Eval(EvalArgs),
     /// Classify image files (photos, drawings): the class and all ten probabilities per file.
@@ -968,7 +971,7 @@ fn run() -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     match cli.command {
-        Command::Train(a) => cmd_train(a),
+        Command::Train(a) => cmd_train(*a),
         Command::Eval(a) => cmd_eval(a),
         Command::Convert(a) => cmd_convert(a),
         Command::Predict(a) => cmd_predict(a),

@@ -9,7 +9,7 @@
 //! size changes, so borders stay zero between steps.
 
 use crate::models::custom_ops::{batch_stats, ordered_sums};
-use fmnist::kernels::activation::{gelu, gelu_grad};
+use fmnist::kernels::activation::{gelu, gelu_and_grad, gelu_grad};
 use fmnist::kernels::bf16::{Bf16Path, PackedBf16};
 use fmnist::kernels::conv_bf16;
 use fmnist::kernels::{
@@ -35,7 +35,12 @@ pub enum Act {
 /// An activation as the fused passes need it: its value, and the gradient that passes
 /// through it. Monomorphised, so the inner loops carry no branch on the kind.
 trait Activation: Sync {
+    /// Whether the forward pass keeps `f'(u)` for the backward pass (where `f'` costs more
+    /// than reading it back: GELU's error function, not ReLU's comparison).
+    const KEEPS_GRADIENT: bool;
     fn f(u: f32) -> f32;
+    /// `(f(u), f'(u))`, the same bits as [`Activation::f`] and `pass(1, u)`.
+    fn f_and_grad(u: f32) -> (f32, f32);
     /// `g · f'(u)`. ReLU passes `g` itself or zero (not `g · 1.0`), which keeps its
     /// gradients bit for bit what they were before GELU existed.
     fn pass(g: f32, u: f32) -> f32;
@@ -43,9 +48,14 @@ trait Activation: Sync {
 
 struct Relu;
 impl Activation for Relu {
+    const KEEPS_GRADIENT: bool = false;
     #[inline(always)]
     fn f(u: f32) -> f32 {
         u.max(0.0)
+    }
+    #[inline(always)]
+    fn f_and_grad(u: f32) -> (f32, f32) {
+        (Self::f(u), if u > 0.0 { 1.0 } else { 0.0 })
     }
     #[inline(always)]
     fn pass(g: f32, u: f32) -> f32 {
@@ -59,9 +69,14 @@ impl Activation for Relu {
 
 struct Gelu;
 impl Activation for Gelu {
+    const KEEPS_GRADIENT: bool = true;
     #[inline(always)]
     fn f(u: f32) -> f32 {
         gelu(u)
+    }
+    #[inline(always)]
+    fn f_and_grad(u: f32) -> (f32, f32) {
+        gelu_and_grad(u)
     }
     #[inline(always)]
     fn pass(g: f32, u: f32) -> f32 {
@@ -69,35 +84,24 @@ impl Activation for Gelu {
     }
 }
 
-/// Defines `fn $name<A: Activation>(args) -> R` whose body is compiled twice: as written, and
-/// with AVX-512 enabled, taken when the CPU has it ([`fmnist::kernels::avx512_wide`]). The
-/// batch-norm and activation loops below are plain Rust over slices of channels, written
-/// branch-free (GELU included) so that they vectorise; the baseline x86-64 target only gives
-/// them SSE2's 4 lanes, AVX-512 gives 16. The arithmetic is the same in both copies (Rust
-/// never fuses `a·b + c`, and the lanes are independent channels), so the results are
-/// bit-identical whichever runs.
-macro_rules! wide_fn {
-    ($(#[$m:meta])* fn $name:ident<A: Activation>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        fn $name<A: Activation>($($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn body<A: Activation>($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn wide<A: Activation>($($arg: $ty),*) $(-> $ret)? {
-                body::<A>($($arg),*)
-            }
-            #[cfg(target_arch = "x86_64")]
-            if fmnist::kernels::avx512_wide() {
-                // SAFETY: `avx512_wide` checked every feature `wide` is compiled with.
-                return unsafe { wide::<A>($($arg),*) };
-            }
-            body::<A>($($arg),*)
-        }
-    };
+/// What a batch-norm pass stores: fp32, or bf16 (rounded to nearest even as it is stored)
+/// when a bf16 convolution reads the buffer next.
+pub trait Store: Copy + Default + Send + Sync {
+    fn store(v: f32) -> Self;
+}
+
+impl Store for f32 {
+    #[inline(always)]
+    fn store(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Store for u16 {
+    #[inline(always)]
+    fn store(v: f32) -> u16 {
+        fmnist::kernels::bf16::to_bf16(v)
+    }
 }
 
 pub(crate) fn sized<T: Copy + Default>(v: &mut Vec<T>, n: usize) -> &mut Vec<T> {
@@ -155,57 +159,57 @@ fn from_conv_matrix(total: &[f32], cout: usize) -> Vec<f32> {
     dw
 }
 
-/// A 3×3 convolution whose products run in bf16 tiles (`fmnist::kernels::conv_bf16`): the
-/// padded input and output gradient are rounded once per step and read in place, products
-/// are accumulated in fp32 on the padded grid and their interior copied out. Weights stay
-/// fp32 (rounded into the packed operand each step), as does everything around the products.
+/// A 3×3 convolution whose products run in bf16 tiles (`fmnist::kernels::conv_bf16`). Its
+/// input and output gradient arrive as bf16 padded buffers, written in bf16 by the
+/// batch-norm passes that produce them (rounding as they store, so no pass over fp32 copies
+/// rounds them again), and are read in place; products are accumulated in fp32 on the padded
+/// grid and their interior copied out. Weights stay fp32 (rounded into the packed operand
+/// each step), as does everything around the products.
 #[derive(Default)]
 pub struct Bf16Conv {
-    xb: Vec<u16>,
     xt: Vec<u16>,
-    db: Vec<u16>,
     wide: Vec<f32>,
     wpack: PackedBf16,
     dpack: PackedBf16,
 }
 
 impl Bf16Conv {
-    /// `out[n·h·w, cout]` from the padded input `x` (`n` images `[h+2, w+2, cin]`) and the
-    /// weight `[cout, 3, 3, cin]`.
+    /// `out[n·h·w, cout]` from the bf16 padded input `xb` (`n` images `[h+2, w+2, cin]`,
+    /// [`conv_bf16::padded_buffer`]) and the weight `[cout, 3, 3, cin]`.
     pub fn forward(
         &mut self,
         path: Bf16Path,
-        x: &[f32],
+        xb: &[u16],
         n: usize,
         (h, w, cin, cout): (usize, usize, usize, usize),
         weight: &[f32],
         out: &mut [f32],
     ) {
-        conv_bf16::round_padded(x, n, h, w, cin, &mut self.xb);
         self.wpack
             .fill(&conv_matrix(weight, cout, cin), 9 * cin, cout);
         let rows = conv_bf16::grid_rows(n, h, w);
         sized(&mut self.wide, rows * cout);
-        conv_bf16::conv3x3_bf16(path, &self.xb, n, h, w, cin, &self.wpack, &mut self.wide);
+        conv_bf16::conv3x3_bf16(path, xb, n, h, w, cin, &self.wpack, &mut self.wide);
         conv_bf16::interior(&self.wide, n, h, w, cout, out);
     }
 
-    /// The weight gradient from the padded input `x` and the padded output gradient `dz`
-    /// (zero border), and the input gradient `[n·h·w, cin]` into `dx` when it is wanted.
+    /// The weight gradient from the bf16 padded input `xb` (as the forward pass read it) and
+    /// the bf16 padded output gradient `db` (zero border), and the input gradient
+    /// `[n·h·w, cin]` into `dx` when it is wanted.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
         path: Bf16Path,
-        x: &[f32],
+        xb: &[u16],
         n: usize,
         (h, w, cin, cout): (usize, usize, usize, usize),
         weight: &[f32],
-        dz: &[f32],
+        db: &[u16],
         dx: Option<&mut Vec<f32>>,
     ) -> Vec<f32> {
         let rows = conv_bf16::grid_rows(n, h, w);
-        self.dpack.fill(&dz[(w + 3) * cout..], rows, cout);
-        let stride = conv_bf16::transpose_padded(x, n, h, w, cin, &mut self.xt);
+        self.dpack.fill_rounded(&db[(w + 3) * cout..], rows, cout);
+        let stride = conv_bf16::transpose_padded(xb, n, h, w, cin, &mut self.xt);
         let mut total = vec![0f32; 9 * cin * cout];
         conv_bf16::weight_grad_bf16(
             path,
@@ -219,11 +223,10 @@ impl Bf16Conv {
             &mut total,
         );
         if let Some(dx) = dx {
-            conv_bf16::round_padded(dz, n, h, w, cout, &mut self.db);
             let flipped = conv_matrix_flipped(weight, cout, cin);
             self.wpack.fill(&flipped, 9 * cout, cin);
             sized(&mut self.wide, rows * cin);
-            conv_bf16::conv3x3_bf16(path, &self.db, n, h, w, cout, &self.wpack, &mut self.wide);
+            conv_bf16::conv3x3_bf16(path, db, n, h, w, cout, &self.wpack, &mut self.wide);
             conv_bf16::interior(&self.wide, n, h, w, cin, sized(dx, n * h * w * cin));
         }
         from_conv_matrix(&total, cout)
@@ -376,33 +379,53 @@ fn window_offsets(w: usize, c: usize) -> [usize; 4] {
 
 /// Forward: batch-norm + activation of conv rows `z`, into the interior of `out`
 /// (images `[h + 2·pad, w + 2·pad, c]`).
-pub fn bn_act(act: super::Act, z: &[f32], s: BnShape, bn: &Bn, out: &mut [f32]) {
+/// GELU also keeps its gradient at every value in `grad` (`[n, h, w, c]`) for
+/// [`bn_act_backward`]; ReLU leaves `grad` alone.
+pub fn bn_act<O: Store>(
+    act: super::Act,
+    z: &[f32],
+    s: BnShape,
+    bn: &Bn,
+    out: &mut [O],
+    grad: &mut Vec<f32>,
+) {
     match act {
-        Act::Relu => bn_act_with::<Relu>(z, s, bn, out),
-        Act::Gelu => bn_act_with::<Gelu>(z, s, bn, out),
+        Act::Relu => bn_act_with::<Relu, O>(z, s, bn, out, grad),
+        Act::Gelu => bn_act_with::<Gelu, O>(z, s, bn, out, grad),
     }
 }
 
-fn bn_act_with<A: Activation>(z: &[f32], s: BnShape, bn: &Bn, out: &mut [f32]) {
+fn bn_act_with<A: Activation, O: Store>(
+    z: &[f32],
+    s: BnShape,
+    bn: &Bn,
+    out: &mut [O],
+    grad: &mut Vec<f32>,
+) {
     let BnShape { n, h, w, c, .. } = s;
     let pad = s.out_pad;
     let pw = w + 2 * pad;
     let out_img = (h + 2 * pad) * pw * c;
     let (sc, sh) = (&bn.scale[..c], &bn.shift[..c]);
+    let img = h * w * c;
+    // An image of `grad` per image (ReLU: one unused value).
+    let per = if A::KEEPS_GRADIENT { img } else { 1 };
     out[..n * out_img]
         .par_chunks_mut(out_img)
+        .zip(sized(grad, n * per).par_chunks_mut(per))
         .enumerate()
-        .for_each(|(img, o)| {
-            let zi = &z[img * h * w * c..(img + 1) * h * w * c];
-            bn_act_image::<A>(zi, o, sc, sh, (h, w, c), pad);
+        .for_each(|(i, (o, d))| {
+            let zi = &z[i * img..(i + 1) * img];
+            bn_act_image::<A, O>(zi, o, d, sc, sh, (h, w, c), pad);
         });
 }
 
 wide_fn! {
     /// One image of [`bn_act`].
-    fn bn_act_image<A: Activation>(
+    fn bn_act_image<A: Activation, O: Store>(
         zi: &[f32],
-        o: &mut [f32],
+        o: &mut [O],
+        d: &mut [f32],
         sc: &[f32],
         sh: &[f32],
         hwc: (usize, usize, usize),
@@ -415,9 +438,24 @@ wide_fn! {
             let ob = ((y + pad) * pw + pad) * c;
             let o = &mut o[ob..ob + w * c];
             let zr = &zi[y * w * c..(y + 1) * w * c];
+            if A::KEEPS_GRADIENT {
+                let dr = &mut d[y * w * c..(y + 1) * w * c];
+                for ((o, z), d) in o
+                    .chunks_exact_mut(c)
+                    .zip(zr.chunks_exact(c))
+                    .zip(dr.chunks_exact_mut(c))
+                {
+                    for ch in 0..c {
+                        let (f, g) = A::f_and_grad(z[ch] * sc[ch] + sh[ch]);
+                        o[ch] = O::store(f);
+                        d[ch] = g;
+                    }
+                }
+                continue;
+            }
             for (o, z) in o.chunks_exact_mut(c).zip(zr.chunks_exact(c)) {
                 for ch in 0..c {
-                    o[ch] = A::f(z[ch] * sc[ch] + sh[ch]);
+                    o[ch] = O::store(A::f(z[ch] * sc[ch] + sh[ch]));
                 }
             }
         }
@@ -428,26 +466,26 @@ wide_fn! {
 /// `out` (images `[⌊h/2⌋ + 2·pad, ⌊w/2⌋ + 2·pad, c]`; an odd side's last row or column is
 /// dropped, as PyTorch and ONNX pool), keeping which of the four window positions (row-major,
 /// the first on ties) won and its conv value (`zsel`).
-pub fn bn_act_pool(
+pub fn bn_act_pool<O: Store>(
     act: Act,
     z: &[f32],
     s: BnShape,
     bn: &Bn,
-    out: &mut [f32],
+    out: &mut [O],
     arg: &mut [u8],
     zsel: &mut [f32],
 ) {
     match act {
-        Act::Relu => bn_act_pool_with::<Relu>(z, s, bn, out, arg, zsel),
-        Act::Gelu => bn_act_pool_with::<Gelu>(z, s, bn, out, arg, zsel),
+        Act::Relu => bn_act_pool_with::<Relu, O>(z, s, bn, out, arg, zsel),
+        Act::Gelu => bn_act_pool_with::<Gelu, O>(z, s, bn, out, arg, zsel),
     }
 }
 
-fn bn_act_pool_with<A: Activation>(
+fn bn_act_pool_with<A: Activation, O: Store>(
     z: &[f32],
     s: BnShape,
     bn: &Bn,
-    out: &mut [f32],
+    out: &mut [O],
     arg: &mut [u8],
     zsel: &mut [f32],
 ) {
@@ -464,15 +502,15 @@ fn bn_act_pool_with<A: Activation>(
         .enumerate()
         .for_each(|(img, ((o, a), zs))| {
             let zi = &z[img * h * w * c..(img + 1) * h * w * c];
-            bn_act_pool_image::<A>(zi, o, a, zs, sc, sh, (h, w, c), pad);
+            bn_act_pool_image::<A, O>(zi, o, a, zs, sc, sh, (h, w, c), pad);
         });
 }
 
 wide_fn! {
     /// One image of [`bn_act_pool`].
-    fn bn_act_pool_image<A: Activation>(
+    fn bn_act_pool_image<A: Activation, O: Store>(
         zi: &[f32],
-        o: &mut [f32],
+        o: &mut [O],
         a: &mut [u8],
         zs: &mut [f32],
         sc: &[f32],
@@ -488,6 +526,9 @@ wide_fn! {
         // runs (it vectorises), then the 2×2 comparisons over them: the same values, the same
         // first-wins order.
         let mut xs_v = vec![0f32; 2 * w * c];
+        // The pooled row in fp32, stored (and rounded, for a bf16 output) in one plain loop
+        // after the comparisons: rounding inside them kept them from vectorising.
+        let mut row_v = vec![0f32; ow * c];
         for oy in 0..oh {
             let zr = &zi[2 * oy * w * c..(2 * oy + 2) * w * c];
             for (x, z) in xs_v.chunks_exact_mut(c).zip(zr.chunks_exact(c)) {
@@ -499,8 +540,7 @@ wide_fn! {
                 let at = [0, c, w * c, (w + 1) * c].map(|d| 2 * ox * c + d);
                 let zq = at.map(|i| &zr[i..i + c]);
                 let xq = at.map(|i| &xs_v[i..i + c]);
-                let ob = ((oy + pad) * pw + ox + pad) * c;
-                let o = &mut o[ob..ob + c];
+                let o = &mut row_v[ox * c..(ox + 1) * c];
                 let a = &mut a[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
                 let zs = &mut zs[(oy * ow + ox) * c..(oy * ow + ox + 1) * c];
                 for ch in 0..c {
@@ -516,6 +556,10 @@ wide_fn! {
                     a[ch] = k;
                     zs[ch] = zb;
                 }
+            }
+            let ob = ((oy + pad) * pw + pad) * c;
+            for (o, &v) in o[ob..ob + ow * c].iter_mut().zip(&row_v) {
+                *o = O::store(v);
             }
         }
     }
@@ -547,18 +591,53 @@ fn bn_backward_coefficients(
 /// Per chunk of rows, Σg' and Σg'·(z − μ) per channel, with `g' = A::pass(dy, z·scale +
 /// shift)`; `dy` is overwritten with `g'`, which the second pass then reads instead of
 /// evaluating the activation's gradient again.
+/// With `kept`, the activation's gradient the forward pass kept, `g' = dy·kept` instead.
 fn bn_partial_sums<A: Activation>(
     dy: &mut [f32],
     z: &[f32],
+    kept: Option<&[f32]>,
     c: usize,
     rows_per_task: usize,
     bn: &Bn,
 ) -> Vec<(Vec<f32>, Vec<f32>)> {
     let chunk = rows_per_task * c;
-    dy.par_chunks_mut(chunk)
-        .zip(z.par_chunks(chunk))
-        .map(|(g, zs)| bn_partial_sums_chunk::<A>(g, zs, c, &bn.scale, &bn.shift, &bn.mean))
-        .collect()
+    match kept {
+        Some(kept) => dy
+            .par_chunks_mut(chunk)
+            .zip(z.par_chunks(chunk))
+            .zip(kept[..z.len()].par_chunks(chunk))
+            .map(|((g, zs), d)| bn_partial_sums_kept_chunk(g, zs, d, c, &bn.mean))
+            .collect(),
+        None => dy
+            .par_chunks_mut(chunk)
+            .zip(z.par_chunks(chunk))
+            .map(|(g, zs)| bn_partial_sums_chunk::<A>(g, zs, c, &bn.scale, &bn.shift, &bn.mean))
+            .collect(),
+    }
+}
+
+wide_fn! {
+    /// One chunk of [`bn_partial_sums`] from the kept gradient `d`: the same sums in the
+    /// same order, `g'` the same product.
+    fn bn_partial_sums_kept_chunk(
+        g: &mut [f32],
+        zs: &[f32],
+        d: &[f32],
+        c: usize,
+        mean: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (mut sg_v, mut sgx_v) = (vec![0f32; c], vec![0f32; c]);
+        let (sg, sgx, mean) = (&mut sg_v[..c], &mut sgx_v[..c], &mean[..c]);
+        for ((g, zs), d) in g.chunks_exact_mut(c).zip(zs.chunks_exact(c)).zip(d.chunks_exact(c)) {
+            for ch in 0..c {
+                let gp = g[ch] * d[ch];
+                g[ch] = gp;
+                sg[ch] += gp;
+                sgx[ch] += gp * (zs[ch] - mean[ch]);
+            }
+        }
+        (sg_v, sgx_v)
+    }
 }
 
 wide_fn! {
@@ -590,30 +669,35 @@ wide_fn! {
 /// Backward of [`bn_act`]: from the output gradient `dy` (`[n, h, w, c]`, unpadded) to the
 /// conv rows' gradient, written into the interior of `dz` (images `[h+2, w+2, c]`).
 /// Returns (dγ, dβ).
-pub fn bn_act_backward(
+/// `grad` is what [`bn_act`] kept.
+pub fn bn_act_backward<O: Store>(
     act: Act,
     dy: &mut [f32],
     z: &[f32],
+    grad: &[f32],
     s: BnShape,
     bn: &Bn,
-    dz: &mut [f32],
+    dz: &mut [O],
 ) -> (Vec<f32>, Vec<f32>) {
     match act {
-        Act::Relu => bn_act_backward_with::<Relu>(dy, z, s, bn, dz),
-        Act::Gelu => bn_act_backward_with::<Gelu>(dy, z, s, bn, dz),
+        Act::Relu => bn_act_backward_with::<Relu, O>(dy, z, grad, s, bn, dz),
+        Act::Gelu => bn_act_backward_with::<Gelu, O>(dy, z, grad, s, bn, dz),
     }
 }
 
-fn bn_act_backward_with<A: Activation>(
+fn bn_act_backward_with<A: Activation, O: Store>(
     dy: &mut [f32],
     z: &[f32],
+    grad: &[f32],
     s: BnShape,
     bn: &Bn,
-    dz: &mut [f32],
+    dz: &mut [O],
 ) -> (Vec<f32>, Vec<f32>) {
     let BnShape { n, h, w, c, .. } = s;
     let len = n * h * w * c;
-    let partial = bn_partial_sums::<A>(&mut dy[..len], &z[..len], c, IMAGES_PER_TASK * h * w, bn);
+    let kept = A::KEEPS_GRADIENT.then_some(grad);
+    let rows = IMAGES_PER_TASK * h * w;
+    let partial = bn_partial_sums::<A>(&mut dy[..len], &z[..len], kept, c, rows, bn);
     let (ca, cb, ce, dgamma, dbeta) = bn_backward_coefficients(bn, &partial, c, n * h * w);
     let k = BackCoefficients {
         ca: &ca,
@@ -626,7 +710,7 @@ fn bn_act_backward_with<A: Activation>(
         .enumerate()
         .for_each(|(img, d)| {
             let rows = img * h * w * c..(img + 1) * h * w * c;
-            bn_act_backward_image(&z[rows.clone()], &dy[rows], d, &k, (h, w, c));
+            bn_act_backward_image::<O>(&z[rows.clone()], &dy[rows], d, &k, (h, w, c));
         });
     (dgamma, dbeta)
 }
@@ -638,28 +722,31 @@ struct BackCoefficients<'a> {
     ce: &'a [f32],
 }
 
-/// One image of [`bn_act_backward`]'s second pass, from `g'` (the first pass's).
-fn bn_act_backward_image(
-    zi: &[f32],
-    gi: &[f32],
-    d: &mut [f32],
-    k: &BackCoefficients,
-    (h, w, c): (usize, usize, usize),
-) {
-    let wp = w + 2;
-    let (ca, cb, ce) = (&k.ca[..c], &k.cb[..c], &k.ce[..c]);
-    for y in 0..h {
-        let rz = &zi[y * w * c..(y + 1) * w * c];
-        let rg = &gi[y * w * c..(y + 1) * w * c];
-        let db = ((y + 1) * wp + 1) * c;
-        let rd = &mut d[db..db + w * c];
-        for ((d, z), gp) in rd
-            .chunks_exact_mut(c)
-            .zip(rz.chunks_exact(c))
-            .zip(rg.chunks_exact(c))
-        {
-            for ch in 0..c {
-                d[ch] = ca[ch] * gp[ch] + cb[ch] + ce[ch] * z[ch];
+wide_fn! {
+    /// One image of [`bn_act_backward`]'s second pass, from `g'` (the first pass's).
+    fn bn_act_backward_image<O: Store>(
+        zi: &[f32],
+        gi: &[f32],
+        d: &mut [O],
+        k: &BackCoefficients,
+        hwc: (usize, usize, usize),
+    ) {
+        let (h, w, c) = hwc;
+        let wp = w + 2;
+        let (ca, cb, ce) = (&k.ca[..c], &k.cb[..c], &k.ce[..c]);
+        for y in 0..h {
+            let rz = &zi[y * w * c..(y + 1) * w * c];
+            let rg = &gi[y * w * c..(y + 1) * w * c];
+            let db = ((y + 1) * wp + 1) * c;
+            let rd = &mut d[db..db + w * c];
+            for ((d, z), gp) in rd
+                .chunks_exact_mut(c)
+                .zip(rz.chunks_exact(c))
+                .zip(rg.chunks_exact(c))
+            {
+                for ch in 0..c {
+                    d[ch] = O::store(ca[ch] * gp[ch] + cb[ch] + ce[ch] * z[ch]);
+                }
             }
         }
     }
@@ -669,7 +756,7 @@ fn bn_act_backward_image(
 /// gradient of the conv rows, written into the interior of `dz` (images `[h+2, w+2, c]`).
 /// `zsel` holds the winners' conv values, as [`bn_act_pool`] left them. Returns (dγ, dβ).
 #[allow(clippy::too_many_arguments)]
-pub fn bn_act_pool_backward(
+pub fn bn_act_pool_backward<O: Store>(
     act: Act,
     dp: &mut [f32],
     arg: &[u8],
@@ -677,22 +764,22 @@ pub fn bn_act_pool_backward(
     z: &[f32],
     s: BnShape,
     bn: &Bn,
-    dz: &mut [f32],
+    dz: &mut [O],
 ) -> (Vec<f32>, Vec<f32>) {
     match act {
-        Act::Relu => bn_act_pool_backward_with::<Relu>(dp, arg, zsel, z, s, bn, dz),
-        Act::Gelu => bn_act_pool_backward_with::<Gelu>(dp, arg, zsel, z, s, bn, dz),
+        Act::Relu => bn_act_pool_backward_with::<Relu, O>(dp, arg, zsel, z, s, bn, dz),
+        Act::Gelu => bn_act_pool_backward_with::<Gelu, O>(dp, arg, zsel, z, s, bn, dz),
     }
 }
 
-fn bn_act_pool_backward_with<A: Activation>(
+fn bn_act_pool_backward_with<A: Activation, O: Store>(
     dp: &mut [f32],
     arg: &[u8],
     zsel: &[f32],
     z: &[f32],
     s: BnShape,
     bn: &Bn,
-    dz: &mut [f32],
+    dz: &mut [O],
 ) -> (Vec<f32>, Vec<f32>) {
     let BnShape { n, h, w, c, .. } = s;
     let (oh, ow) = (h / 2, w / 2);
@@ -703,6 +790,7 @@ fn bn_act_pool_backward_with<A: Activation>(
     let partial = bn_partial_sums::<A>(
         &mut dp[..n * pooled],
         &zsel[..n * pooled],
+        None,
         c,
         IMAGES_PER_TASK * oh * ow,
         bn,
@@ -719,7 +807,7 @@ fn bn_act_pool_backward_with<A: Activation>(
         .enumerate()
         .for_each(|(img, d)| {
             let pooled_img = img * pooled..(img + 1) * pooled;
-            bn_act_pool_backward_image(
+            bn_act_pool_backward_image::<O>(
                 &z[img * h * w * c..(img + 1) * h * w * c],
                 &arg[pooled_img.clone()],
                 &dp[pooled_img],
@@ -731,48 +819,51 @@ fn bn_act_pool_backward_with<A: Activation>(
     (dgamma, dbeta)
 }
 
-/// One image of [`bn_act_pool_backward`]'s second pass, from the winners' `g'`.
-fn bn_act_pool_backward_image(
-    zi: &[f32],
-    arg: &[u8],
-    gp: &[f32],
-    d: &mut [f32],
-    k: &BackCoefficients,
-    (h, w, c): (usize, usize, usize),
-) {
-    let (oh, ow) = (h / 2, w / 2);
-    let wp = w + 2;
-    let z_offs = window_offsets(w, c);
-    let d_offs = window_offsets(wp, c);
-    let (ca, cb, ce) = (&k.ca[..c], &k.cb[..c], &k.ce[..c]);
-    for oy in 0..oh {
-        for ox in 0..ow {
-            let pb = (oy * ow + ox) * c;
-            let (a, gp) = (&arg[pb..pb + c], &gp[pb..pb + c]);
-            let ztop = (2 * oy * w + 2 * ox) * c;
-            let dtop = ((2 * oy + 1) * wp + 2 * ox + 1) * c;
-            for q in 0..4 {
-                let zq = &zi[ztop + z_offs[q]..ztop + z_offs[q] + c];
-                let dq = &mut d[dtop + d_offs[q]..dtop + d_offs[q] + c];
-                for ch in 0..c {
-                    // Only the window's winner gets a gradient through the pool.
-                    let gq = if a[ch] as usize == q { gp[ch] } else { 0.0 };
-                    dq[ch] = ca[ch] * gq + cb[ch] + ce[ch] * zq[ch];
+wide_fn! {
+    /// One image of [`bn_act_pool_backward`]'s second pass, from the winners' `g'`.
+    fn bn_act_pool_backward_image<O: Store>(
+        zi: &[f32],
+        arg: &[u8],
+        gp: &[f32],
+        d: &mut [O],
+        k: &BackCoefficients,
+        hwc: (usize, usize, usize),
+    ) {
+        let (h, w, c) = hwc;
+        let (oh, ow) = (h / 2, w / 2);
+        let wp = w + 2;
+        let z_offs = window_offsets(w, c);
+        let d_offs = window_offsets(wp, c);
+        let (ca, cb, ce) = (&k.ca[..c], &k.cb[..c], &k.ce[..c]);
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let pb = (oy * ow + ox) * c;
+                let (a, gp) = (&arg[pb..pb + c], &gp[pb..pb + c]);
+                let ztop = (2 * oy * w + 2 * ox) * c;
+                let dtop = ((2 * oy + 1) * wp + 2 * ox + 1) * c;
+                for q in 0..4 {
+                    let zq = &zi[ztop + z_offs[q]..ztop + z_offs[q] + c];
+                    let dq = &mut d[dtop + d_offs[q]..dtop + d_offs[q] + c];
+                    for ch in 0..c {
+                        // Only the window's winner gets a gradient through the pool.
+                        let gq = if a[ch] as usize == q { gp[ch] } else { 0.0 };
+                        dq[ch] = O::store(ca[ch] * gq + cb[ch] + ce[ch] * zq[ch]);
+                    }
                 }
             }
         }
-    }
-    // An odd side's last row or column is in no window (the pool floors, as PyTorch's and
-    // ONNX's do): no gradient reaches it through the pool, but batch-norm's statistics still
-    // tie it to every other value.
-    for y in 0..h {
-        let xs = if y < 2 * oh { 2 * ow..w } else { 0..w };
-        for x in xs {
-            let zq = &zi[(y * w + x) * c..(y * w + x + 1) * c];
-            let db = ((y + 1) * wp + x + 1) * c;
-            let dq = &mut d[db..db + c];
-            for ch in 0..c {
-                dq[ch] = cb[ch] + ce[ch] * zq[ch];
+        // An odd side's last row or column is in no window (the pool floors, as PyTorch's and
+        // ONNX's do): no gradient reaches it through the pool, but batch-norm's statistics still
+        // tie it to every other value.
+        for y in 0..h {
+            let xs = if y < 2 * oh { 2 * ow..w } else { 0..w };
+            for x in xs {
+                let zq = &zi[(y * w + x) * c..(y * w + x + 1) * c];
+                let db = ((y + 1) * wp + x + 1) * c;
+                let dq = &mut d[db..db + c];
+                for ch in 0..c {
+                    dq[ch] = O::store(cb[ch] + ce[ch] * zq[ch]);
+                }
             }
         }
     }
@@ -1007,9 +1098,12 @@ mod tests {
                         .collect()
                 };
                 let shape = (h, w, cin, cout);
+                let (mut xb, mut db) = (Vec::new(), Vec::new());
+                conv_bf16::round_padded(&x, n, h, w, cin, &mut xb);
+                conv_bf16::round_padded(&dz, n, h, w, cout, &mut db);
                 let mut fresh = Bf16Conv::default();
                 let mut z = vec![f32::NAN; n * h * w * cout];
-                fresh.forward(path, &x, n, shape, &weight, &mut z);
+                fresh.forward(path, &xb, n, shape, &weight, &mut z);
                 let mut z32 = vec![0f32; n * h * w * cout];
                 conv3x3(&x, n, h, w, cin, &pack_conv(&weight, cout, cin), &mut z32);
                 let mut mag = vec![0f32; n * h * w * cout];
@@ -1025,7 +1119,7 @@ mod tests {
                 within(&format!("{what} forward"), &z, &z32, &mag);
 
                 let mut dx = Vec::new();
-                let dw = fresh.backward(path, &x, n, shape, &weight, &dz, Some(&mut dx));
+                let dw = fresh.backward(path, &xb, n, shape, &weight, &db, Some(&mut dx));
                 let dw32 = conv3x3_weight_grad(&dz, &x, n, h, w, cin, cout);
                 let dw_mag = conv3x3_weight_grad(&abs(&dz), &abs(&x), n, h, w, cin, cout);
                 within(&format!("{what} weight gradient"), &dw, &dw32, &dw_mag);
@@ -1038,9 +1132,9 @@ mod tests {
                 within(&format!("{what} input gradient"), &dx, &dx32, &dx_mag);
 
                 let mut z2 = vec![f32::NAN; n * h * w * cout];
-                reused.forward(path, &x, n, shape, &weight, &mut z2);
+                reused.forward(path, &xb, n, shape, &weight, &mut z2);
                 let mut dx2 = Vec::new();
-                let dw2 = reused.backward(path, &x, n, shape, &weight, &dz, Some(&mut dx2));
+                let dw2 = reused.backward(path, &xb, n, shape, &weight, &db, Some(&mut dx2));
                 assert_eq!((z2, dw2, dx2), (z, dw, dx), "{what}: reused layer");
             }
         }

@@ -26,6 +26,7 @@
 pub mod layers;
 
 use fmnist::kernels::bf16::Bf16Path;
+use fmnist::kernels::conv_bf16;
 pub use layers::Act;
 use layers::{sized, Bn, BnShape};
 use rand_chacha::ChaCha8Rng;
@@ -149,12 +150,18 @@ struct Buffers {
     conv: layers::Bf16Conv,
     /// The layer's output (padded when a convolution reads it).
     out: Vec<f32>,
+    /// The output in bf16 instead, padded, when a bf16 convolution reads it.
+    outb: Vec<u16>,
     /// The gradient of the loss with respect to `out` (padded when `out` is a convolution's).
     dout: Vec<f32>,
+    /// A bf16 convolution's output gradient, padded, in bf16 instead of `dout`.
+    doutb: Vec<u16>,
     /// Max-pool winners and their conv values; dropout's mask.
     arg: Vec<u8>,
     zsel: Vec<f32>,
     mask: Vec<f32>,
+    /// The activation's gradient at every value, when the forward pass keeps it.
+    grad: Vec<f32>,
     bn: Bn,
 }
 
@@ -162,6 +169,8 @@ struct Buffers {
 #[derive(Default)]
 pub struct Workspace {
     input: Vec<f32>,
+    /// The input in bf16, when a bf16 convolution reads it first.
+    inputb: Vec<u16>,
     layers: Vec<Buffers>,
 }
 
@@ -286,6 +295,14 @@ impl Net {
             .filter(|_| cin.is_multiple_of(32) && cout.is_multiple_of(32))
     }
 
+    /// The bf16 path of layer `i` if it is a convolution that runs in bf16.
+    fn bf16_conv_at(&self, i: usize) -> Option<Bf16Path> {
+        match self.layers.get(i) {
+            Some(&Resolved::Conv { cin, cout, .. }) => self.conv_bf16(cin, cout),
+            _ => None,
+        }
+    }
+
     /// The kernel path this network's step runs, which fixes the bits a seed gives:
     /// `"amx-bf16"` (or `"emulated-bf16"`) when a convolution runs in bf16, else the fp32
     /// kernels' path (`"avx512-fp32"` or `"portable-fp32"`).
@@ -367,18 +384,22 @@ impl Net {
                 });
         }
 
+        if self.bf16_conv_at(0).is_some() {
+            conv_bf16::round_padded(&ws.input, n, side, side, ch, &mut ws.inputb);
+        }
+
         // ---- forward
         let mut pi = 0;
         let mut bn_stats = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let (input, cur) = io(ws, i);
+            let (input, inputb, cur) = io(ws, i);
             match *layer {
                 Resolved::Conv { h, w, cin, cout } => {
                     sized(&mut cur.out, n * h * w * cout);
                     if let Some(path) = self.conv_bf16(cin, cout) {
                         let shape = (h, w, cin, cout);
                         cur.conv
-                            .forward(path, input, n, shape, &params[pi], &mut cur.out);
+                            .forward(path, inputb, n, shape, &params[pi], &mut cur.out);
                         pi += 1;
                         continue;
                     }
@@ -411,24 +432,29 @@ impl Net {
                     let z = &input[..n * h * w * c];
                     cur.bn = Bn::new(z, c, &params[pi], &params[pi + 1], self.bn_eps);
                     bn_stats.push((n * h * w, cur.bn.mean.clone(), cur.bn.var.clone()));
-                    if pool {
-                        let (oh, ow) = (h / 2, w / 2);
-                        let op = out_pad;
+                    // A bf16 convolution next reads the output in bf16 only.
+                    let to_bf16 = self.bf16_conv_at(i + 1).is_some();
+                    let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
+                    let op = out_pad;
+                    if to_bf16 {
+                        conv_bf16::padded_buffer(&mut cur.outb, n, oh, ow, c);
+                    } else {
                         sized(&mut cur.out, n * (oh + 2 * op) * (ow + 2 * op) * c);
+                    }
+                    let bn = &cur.bn;
+                    if pool {
                         sized(&mut cur.arg, n * oh * ow * c);
                         sized(&mut cur.zsel, n * oh * ow * c);
-                        layers::bn_act_pool(
-                            act,
-                            z,
-                            s,
-                            &cur.bn,
-                            &mut cur.out,
-                            &mut cur.arg,
-                            &mut cur.zsel,
-                        );
+                        let (arg, zsel) = (&mut cur.arg, &mut cur.zsel);
+                        match to_bf16 {
+                            true => layers::bn_act_pool(act, z, s, bn, &mut cur.outb, arg, zsel),
+                            false => layers::bn_act_pool(act, z, s, bn, &mut cur.out, arg, zsel),
+                        }
                     } else {
-                        sized(&mut cur.out, n * (h + 2 * out_pad) * (w + 2 * out_pad) * c);
-                        layers::bn_act(act, z, s, &cur.bn, &mut cur.out);
+                        match to_bf16 {
+                            true => layers::bn_act(act, z, s, bn, &mut cur.outb, &mut cur.grad),
+                            false => layers::bn_act(act, z, s, bn, &mut cur.out, &mut cur.grad),
+                        }
                     }
                     pi += 2;
                 }
@@ -469,14 +495,15 @@ impl Net {
         let mut grads: Vec<Vec<f32>> = vec![Vec::new(); params.len()];
         let mut bi = bn_stats.len();
         for (i, layer) in self.layers.iter().enumerate().rev() {
-            let (input, cur, dinput) = io_back(ws, i);
+            let (input, inputb, cur, dprev) = io_back(ws, i);
             match *layer {
                 Resolved::Conv { h, w, cin, cout } => {
                     pi -= 1;
+                    let dinput = dprev.map(|(d, _)| d);
                     if let Some(path) = self.conv_bf16(cin, cout) {
                         let shape = (h, w, cin, cout);
-                        let (w, dz) = (&params[pi], &cur.dout);
-                        grads[pi] = cur.conv.backward(path, input, n, shape, w, dz, dinput);
+                        let (w, db) = (&params[pi], &cur.doutb);
+                        grads[pi] = cur.conv.backward(path, inputb, n, shape, w, db, dinput);
                         continue;
                     }
                     grads[pi] = layers::conv3x3_weight_grad(&cur.dout, input, n, h, w, cin, cout);
@@ -510,22 +537,29 @@ impl Net {
                         c,
                         out_pad,
                     };
-                    let dz = dinput.expect("batch-norm follows a convolution");
-                    sized(dz, n * (h + 2) * (w + 2) * c);
+                    let (dz, dzb) = dprev.expect("batch-norm follows a convolution");
                     let z = &input[..n * h * w * c];
-                    let (dg, db) = if pool {
-                        layers::bn_act_pool_backward(
-                            act,
-                            &mut cur.dout,
-                            &cur.arg,
-                            &cur.zsel,
-                            z,
-                            s,
-                            &cur.bn,
-                            dz,
-                        )
-                    } else {
-                        layers::bn_act_backward(act, &mut cur.dout, z, s, &cur.bn, dz)
+                    let (dy, bn) = (&mut cur.dout, &cur.bn);
+                    // The convolution before, if bf16, reads its output gradient in bf16 only.
+                    let (dg, db) = match (pool, self.bf16_conv_at(i - 1).is_some()) {
+                        (true, true) => {
+                            conv_bf16::padded_buffer(dzb, n, h, w, c);
+                            layers::bn_act_pool_backward(
+                                act, dy, &cur.arg, &cur.zsel, z, s, bn, dzb,
+                            )
+                        }
+                        (true, false) => {
+                            sized(dz, n * (h + 2) * (w + 2) * c);
+                            layers::bn_act_pool_backward(act, dy, &cur.arg, &cur.zsel, z, s, bn, dz)
+                        }
+                        (false, true) => {
+                            conv_bf16::padded_buffer(dzb, n, h, w, c);
+                            layers::bn_act_backward(act, dy, z, &cur.grad, s, bn, dzb)
+                        }
+                        (false, false) => {
+                            sized(dz, n * (h + 2) * (w + 2) * c);
+                            layers::bn_act_backward(act, dy, z, &cur.grad, s, bn, dz)
+                        }
                     };
                     grads[pi] = dg;
                     grads[pi + 1] = db;
@@ -544,18 +578,18 @@ impl Net {
                         &params[pi],
                         n,
                         (inputs, outputs),
-                        dinput,
+                        dprev.map(|(d, _)| d),
                     );
                     grads[pi] = gw;
                     grads[pi + 1] = gb;
                 }
                 Resolved::Dropout { len, .. } => {
-                    if let Some(dx) = dinput {
+                    if let Some((dx, _)) = dprev {
                         layers::dropout_backward(&cur.dout[..n * len], &cur.mask[..n * len], dx);
                     }
                 }
                 Resolved::GlobalAvgPool { hw, c } => {
-                    if let Some(dx) = dinput {
+                    if let Some((dx, _)) = dprev {
                         layers::global_avg_pool_backward(&cur.dout, n, hw, c, dx);
                     }
                 }
@@ -570,25 +604,33 @@ impl Net {
     }
 }
 
-/// Layer `i`'s input and its buffers.
-fn io(ws: &mut Workspace, i: usize) -> (&[f32], &mut Buffers) {
+/// Layer `i`'s input (fp32 and bf16: whichever its producer wrote) and its buffers.
+fn io(ws: &mut Workspace, i: usize) -> (&[f32], &[u16], &mut Buffers) {
     if i == 0 {
-        (&ws.input, &mut ws.layers[0])
+        (&ws.input, &ws.inputb, &mut ws.layers[0])
     } else {
         let (before, rest) = ws.layers.split_at_mut(i);
-        (&before[i - 1].out, &mut rest[0])
+        (&before[i - 1].out, &before[i - 1].outb, &mut rest[0])
     }
 }
 
-/// Layer `i`'s input, its buffers, and the gradient buffer of its input (none for the
-/// network's input, whose gradient nothing needs).
-fn io_back(ws: &mut Workspace, i: usize) -> (&[f32], &mut Buffers, Option<&mut Vec<f32>>) {
+/// The gradient buffers of a layer's input, fp32 and bf16.
+type InputGrads<'a> = (&'a mut Vec<f32>, &'a mut Vec<u16>);
+
+/// Layer `i`'s input (fp32 and bf16), its buffers, and the gradient buffers of its input
+/// (none for the network's input, whose gradient nothing needs).
+fn io_back(ws: &mut Workspace, i: usize) -> (&[f32], &[u16], &mut Buffers, Option<InputGrads<'_>>) {
     if i == 0 {
-        (&ws.input, &mut ws.layers[0], None)
+        (&ws.input, &ws.inputb, &mut ws.layers[0], None)
     } else {
         let (before, rest) = ws.layers.split_at_mut(i);
         let prev = &mut before[i - 1];
-        (&prev.out, &mut rest[0], Some(&mut prev.dout))
+        (
+            &prev.out,
+            &prev.outb,
+            &mut rest[0],
+            Some((&mut prev.dout, &mut prev.doutb)),
+        )
     }
 }
 

@@ -255,13 +255,11 @@ pub(crate) fn ordered_sums(partial: &[(Vec<f32>, Vec<f32>)], c: usize) -> (Vec<f
     (a, b)
 }
 
-/// Mean and biased variance of each of the `c` columns of `x` (rows of width `c`): per-chunk
-/// f32 sums (vectorised), combined across chunks in f64 and in order, so the result does not
-/// depend on the number of threads.
-pub(crate) fn batch_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
-    let m = x.len() / c;
-    let sums = column_sums(x, c, |chunk, acc| {
-        let (mut s1, mut s2) = (vec![0f32; c], vec![0f32; c]);
+wide_fn! {
+    /// One chunk of [`batch_stats`]: per column, Σx and Σx² in f32, added to `acc` in f64.
+    fn stats_chunk(chunk: &[f32], c: usize, acc: &mut [f64]) {
+        let (mut s1v, mut s2v) = (vec![0f32; c], vec![0f32; c]);
+        let (s1, s2) = (&mut s1v[..c], &mut s2v[..c]);
         for row in chunk.chunks_exact(c) {
             for ((a, b), v) in s1.iter_mut().zip(s2.iter_mut()).zip(row) {
                 *a += v;
@@ -272,7 +270,15 @@ pub(crate) fn batch_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
             acc[i] += s1[i] as f64;
             acc[c + i] += s2[i] as f64;
         }
-    });
+    }
+}
+
+/// Mean and biased variance of each of the `c` columns of `x` (rows of width `c`): per-chunk
+/// f32 sums (vectorised), combined across chunks in f64 and in order, so the result does not
+/// depend on the number of threads.
+pub(crate) fn batch_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
+    let m = x.len() / c;
+    let sums = column_sums(x, c, |chunk, acc| stats_chunk(chunk, c, acc));
     let mean: Vec<f32> = (0..c).map(|i| (sums[i] / m as f64) as f32).collect();
     let var: Vec<f32> = (0..c)
         .map(|i| (sums[c + i] / m as f64 - (sums[i] / m as f64).powi(2)).max(0.0) as f32)
