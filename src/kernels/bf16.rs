@@ -280,32 +280,7 @@ impl PackedBf16 {
             "PackedBf16: {k}×{n} does not fit in {}",
             b.len()
         );
-        let k_pad = round_up(k.max(1), TILE_K);
-        let panels = n.div_ceil(TILE_M);
-        (self.k, self.n, self.k_pad) = (k, n, k_pad);
-        self.data.resize(panels * k_pad * TILE_M, 0);
-        let pairs_per_panel = k_pad / 2;
-        const PAIRS: usize = 16;
-        let pack = |(t, chunk): (usize, &mut [u16])| {
-            let g = t * PAIRS;
-            let (panel, kp0) = (g / pairs_per_panel, g % pairs_per_panel);
-            let c0 = panel * TILE_M;
-            let width = (n - c0).min(TILE_M);
-            pack_pairs(b, (k, n), (c0, width), 2 * kp0, chunk);
-        };
-        // k_pad/2 is a multiple of 16, so no task straddles two panels.
-        if k * n >= PARALLEL_VALUES {
-            self.data
-                .par_chunks_mut(PAIRS * 2 * TILE_M)
-                .with_min_len(8)
-                .enumerate()
-                .for_each(pack);
-        } else {
-            self.data
-                .chunks_mut(PAIRS * 2 * TILE_M)
-                .enumerate()
-                .for_each(pack);
-        }
+        self.pack_with(k, n, |out, r0, cols| pack_pairs(b, (k, n), cols, r0, out));
     }
 
     /// Packs a row-major `k × n` matrix already rounded to bf16 (a padded buffer the
@@ -316,41 +291,63 @@ impl PackedBf16 {
             "PackedBf16: {k}×{n} does not fit in {}",
             b.len()
         );
+        self.pack_with(k, n, |out, r0, (c0, width)| {
+            let row = |r: usize| match r < k {
+                true => &b[r * n + c0..r * n + c0 + width],
+                false => &[],
+            };
+            for (i, pair) in out.chunks_exact_mut(2 * TILE_M).enumerate() {
+                let (even, odd) = (row(r0 + 2 * i), row(r0 + 2 * i + 1));
+                if even.len() == TILE_M && odd.len() == TILE_M {
+                    for ((p, &e), &o) in pair.chunks_exact_mut(2).zip(even).zip(odd) {
+                        p[0] = e;
+                        p[1] = o;
+                    }
+                } else {
+                    for j in 0..TILE_M {
+                        pair[2 * j] = even.get(j).copied().unwrap_or(0);
+                        pair[2 * j + 1] = odd.get(j).copied().unwrap_or(0);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Sizes the buffer for a `k × n` matrix and fills it in tasks of 16 pair-rows of one
+    /// panel: `pack(out, r0, (c0, width))` writes the pair-rows from matrix row `r0` of
+    /// columns `c0 .. c0 + width` (zeros past `k` and `width`). On rayon's threads when the
+    /// matrix is large.
+    fn pack_with(
+        &mut self,
+        k: usize,
+        n: usize,
+        pack: impl Fn(&mut [u16], usize, (usize, usize)) + Sync,
+    ) {
         let k_pad = round_up(k.max(1), TILE_K);
         let panels = n.div_ceil(TILE_M);
         (self.k, self.n, self.k_pad) = (k, n, k_pad);
         self.data.resize(panels * k_pad * TILE_M, 0);
         let pairs_per_panel = k_pad / 2;
         const PAIRS: usize = 16;
+        let task = |(t, chunk): (usize, &mut [u16])| {
+            let g = t * PAIRS;
+            let (panel, kp0) = (g / pairs_per_panel, g % pairs_per_panel);
+            let c0 = panel * TILE_M;
+            pack(chunk, 2 * kp0, (c0, (n - c0).min(TILE_M)));
+        };
         // k_pad/2 is a multiple of 16, so no task straddles two panels.
-        self.data
-            .par_chunks_mut(PAIRS * 2 * TILE_M)
-            .with_min_len(16)
-            .enumerate()
-            .for_each(|(t, chunk)| {
-                let g = t * PAIRS;
-                let (panel, kp0) = (g / pairs_per_panel, g % pairs_per_panel);
-                let c0 = panel * TILE_M;
-                let width = (n - c0).min(TILE_M);
-                let row = |r: usize| match r < k {
-                    true => &b[r * n + c0..r * n + c0 + width],
-                    false => &[],
-                };
-                for (i, pair) in chunk.chunks_exact_mut(2 * TILE_M).enumerate() {
-                    let (even, odd) = (row(2 * (kp0 + i)), row(2 * (kp0 + i) + 1));
-                    if even.len() == TILE_M && odd.len() == TILE_M {
-                        for ((p, &e), &o) in pair.chunks_exact_mut(2).zip(even).zip(odd) {
-                            p[0] = e;
-                            p[1] = o;
-                        }
-                    } else {
-                        for j in 0..TILE_M {
-                            pair[2 * j] = even.get(j).copied().unwrap_or(0);
-                            pair[2 * j + 1] = odd.get(j).copied().unwrap_or(0);
-                        }
-                    }
-                }
-            });
+        if k * n >= PARALLEL_VALUES {
+            self.data
+                .par_chunks_mut(PAIRS * 2 * TILE_M)
+                .with_min_len(8)
+                .enumerate()
+                .for_each(task);
+        } else {
+            self.data
+                .chunks_mut(PAIRS * 2 * TILE_M)
+                .enumerate()
+                .for_each(task);
+        }
     }
 
     /// Where element `(r, j)` lives.

@@ -74,6 +74,18 @@ impl Dataset {
         &self.images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS]
     }
 
+    /// The same images mirrored left to right (the training augmentation's flip), same labels.
+    pub fn mirrored(&self) -> Dataset {
+        let mut images = self.images.clone();
+        for row in images.chunks_exact_mut(fmnist::classes::IMAGE_SIDE) {
+            row.reverse();
+        }
+        Dataset {
+            images,
+            labels: self.labels.clone(),
+        }
+    }
+
     /// A new data set with the given rows, in that order.
     pub fn select(&self, rows: &[usize]) -> Dataset {
         let mut images = Vec::with_capacity(rows.len() * IMAGE_PIXELS);
@@ -388,6 +400,24 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirrored_reverses_every_row_and_keeps_the_labels() {
+        let d = Dataset {
+            images: (0..2 * IMAGE_PIXELS).map(|i| (i % 251) as u8).collect(),
+            labels: vec![3, 7],
+        };
+        let m = d.mirrored();
+        for i in 0..2 {
+            for r in 0..28 {
+                for c in 0..28 {
+                    assert_eq!(m.image(i)[r * 28 + c], d.image(i)[r * 28 + 27 - c]);
+                }
+            }
+        }
+        assert_eq!(m.labels, d.labels);
+        assert_eq!(m.mirrored().images, d.images);
+    }
 
     fn row(label: &str, pixel: &str) -> String {
         let mut s = label.to_string();

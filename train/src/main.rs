@@ -301,6 +301,11 @@ struct EvalArgs {
     /// reference the executor is tested against).
     #[arg(long, value_enum, default_value_t = fmnist::server::config::EngineChoice::Auto)]
     engine: fmnist::server::config::EngineChoice,
+    /// Flip test-time averaging: score each image by the mean of its logits and those of its
+    /// mirror image (twice the compute). A measurement of what averaging would give: the
+    /// server and the model file compute single passes.
+    #[arg(long)]
+    flip_average: bool,
 }
 
 #[derive(Args)]
@@ -760,11 +765,13 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     // Which runtime computed the logits, so that a check against another runtime says
     // what it checked (the planned executor, or candle-onnx and why).
     let mut engine = String::from("candle (the training graph)");
-    let logits: Vec<Vec<f32>> = match ext.as_deref() {
+    let mut onnx = None;
+    let mut candle = None;
+    match ext.as_deref() {
         Some("onnx") => {
             let m = OnnxModel::load(&a.model)?.with_engine(a.engine.into());
             engine = m.engine_description();
-            onnx_logits(&m, &d, a.batch_size)?
+            onnx = Some(m);
         }
         Some("safetensors") => {
             let js = a.model.with_extension("json");
@@ -786,13 +793,29 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             let tensors = candle_core::safetensors::load(&a.model, &dev)
                 .with_context(|| format!("reading {}", a.model.display()))?;
             models::Classifier::params(&model).assign(&tensors, &a.model)?;
-            train::predict(&model, &d, a.batch_size.max(1), &dev)?.to_vec2::<f32>()?
+            candle = Some(model);
         }
         _ => bail!(
             "{}: expected an .onnx model or a .safetensors checkpoint",
             a.model.display()
         ),
     };
+    let run = |d: &data::Dataset| -> Result<Vec<Vec<f32>>> {
+        match (&onnx, &candle) {
+            (Some(m), _) => onnx_logits(m, d, a.batch_size),
+            (_, Some(model)) => Ok(
+                train::predict(model, d, a.batch_size.max(1), &Device::Cpu)?.to_vec2::<f32>()?
+            ),
+            _ => unreachable!("one of the two was loaded above"),
+        }
+    };
+    let mut logits = run(&d)?;
+    if a.flip_average {
+        for (l, f) in logits.iter_mut().zip(run(&d.mirrored())?) {
+            l.iter_mut().zip(f).for_each(|(x, y)| *x = 0.5 * (*x + y));
+        }
+        engine.push_str(", flip-averaged");
+    }
     if let Some(p) = &a.logits_out {
         let json = serde_json::to_vec(&serde_json::json!({ "logits": logits }))?;
         fmnist::onnx::writer::write_atomic(p, &json)

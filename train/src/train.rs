@@ -210,9 +210,11 @@ const RECALIBRATION_BATCHES: usize = 100;
 /// Recomputes the batch-norm running statistics for the model's current weights (after the
 /// weight average replaced them): [`RECALIBRATION_BATCHES`] batches of `rows`, un-augmented
 /// (cycled if fewer), through the network in training mode, without updates. The running
-/// averages (momentum 0.1) then weigh what came before by 0.9¹⁰⁰ ≈ 3·10⁻⁵.
+/// averages (momentum 0.1) then weigh what came before by 0.9¹⁰⁰ ≈ 3·10⁻⁵. On the CPU the
+/// batches go through the training engine's step (its gradients unused), as in training: the
+/// same statistics training kept, at the engine's speed rather than candle's.
 pub fn recalibrate_bn(
-    model: &dyn Classifier,
+    model: &Cnn,
     data: &Dataset,
     rows: &[usize],
     batch_size: usize,
@@ -225,9 +227,14 @@ pub fn recalibrate_bn(
         .cycle()
         .take(RECALIBRATION_BATCHES * batch_size)
         .collect();
+    let mut workspace = crate::engine::Workspace::default();
     for chunk in cycled.chunks(batch_size) {
         let b = loader::make_batch(data, chunk, model.layout(), Augment::None, &mut r, device)?;
-        model.forward_t(&b.images, Some(&mut r))?;
+        if device.is_cpu() {
+            model.cpu_train_step(&b.images, &b.labels, 0.0, &mut r, &mut workspace)?;
+        } else {
+            model.forward_t(&b.images, Some(&mut r))?;
+        }
     }
     Ok(())
 }

@@ -153,6 +153,44 @@ fn trains_on_the_fixture_and_evaluates_the_exported_model() {
         !o.status.success(),
         "--min-accuracy must fail a model below it"
     );
+
+    // --flip-average scores each image by the mean of its logits and its mirror image's.
+    let text = std::fs::read_to_string(&fx).unwrap();
+    let mut lines = text.lines();
+    let mut mirrored = format!("{}\n", lines.next().unwrap());
+    for line in lines {
+        let v: Vec<&str> = line.split(',').collect();
+        let mut row = vec![v[0]];
+        for r in 0..28 {
+            row.extend(v[1 + r * 28..1 + (r + 1) * 28].iter().rev());
+        }
+        mirrored.push_str(&(row.join(",") + "\n"));
+    }
+    let mirror_csv = dir.path().join("mirrored.csv");
+    std::fs::write(&mirror_csv, mirrored).unwrap();
+    let logits = |data: &Path, extra: &[&str]| -> Vec<Vec<f64>> {
+        let path = dir.path().join("logits.json");
+        let mut args = vec!["--logits-out", path.to_str().unwrap()];
+        args.extend(extra);
+        let o = eval(&out, data, &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        serde_json::from_value(v["logits"].clone()).unwrap()
+    };
+    let (plain, flipped) = (logits(&fx, &[]), logits(&mirror_csv, &[]));
+    let averaged = logits(&fx, &["--flip-average"]);
+    assert_eq!(averaged.len(), plain.len());
+    for ((a, p), f) in averaged.iter().zip(&plain).zip(&flipped) {
+        for j in 0..10 {
+            assert!(
+                (a[j] - 0.5 * (p[j] + f[j])).abs() < 1e-5,
+                "{a:?} vs {p:?} and {f:?}"
+            );
+        }
+    }
+    assert_ne!(averaged, plain, "the mirror images changed nothing");
+    let o = eval(&out, &fx, &["--flip-average"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("flip-averaged"));
 }
 
 #[test]
