@@ -28,7 +28,8 @@ pub const TILE_K: usize = 32;
 pub const TILE_M: usize = 16;
 
 /// fp32 → bf16, rounding to nearest even (NaN stays NaN, overflow goes to infinity), as
-/// `vcvtneps2bf16` does. Written as a select, not an early return, so that loops over it can vectorise.
+/// `vcvtneps2bf16` does. Written as a select, not an early return, so that loops over it can
+/// vectorise.
 #[inline]
 pub fn to_bf16(x: f32) -> u16 {
     let b = x.to_bits();

@@ -361,25 +361,18 @@ fn load_data(path: &Path, limit: Option<usize>) -> Result<data::Dataset> {
     })
 }
 
-/// Logits of an ONNX model for every image of a data set.
-/// Every image's logits, with a progress bar on a terminal (indicatif draws nothing when
-/// stderr is not one, so logs and CI stay clean).
+/// Every image's logits from an ONNX model, with a progress bar on a terminal (indicatif
+/// draws nothing when stderr is not one, so logs and CI stay clean).
 fn onnx_logits(model: &OnnxModel, d: &data::Dataset, batch: usize) -> Result<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(d.len());
-    let rows: Vec<usize> = (0..d.len()).collect();
     let bar = indicatif::ProgressBar::new(d.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("eval [{bar:30}] {pos}/{len} images ETA {eta}")
             .expect("valid template")
             .progress_chars("=> "),
     );
-    for chunk in rows.chunks(batch.max(1)) {
-        let images: Vec<&[u8]> = chunk.iter().map(|&i| d.image(i)).collect();
-        out.extend(model.logits_for_pixels(&images)?.to_vec2::<f32>()?);
-        bar.inc(chunk.len() as u64);
-    }
+    let out = train::onnx_logits(model, d, batch, &bar);
     bar.finish_and_clear();
-    Ok(out)
+    out
 }
 
 fn predictions(logits: &[Vec<f32>]) -> Vec<u8> {

@@ -8,7 +8,7 @@ use crate::models::Classifier;
 use crate::optim::{lr_at, AdamW, AdamWConfig, Ema};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use fmnist::NUM_CLASSES;
+use fmnist::OnnxModel;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -160,41 +160,41 @@ pub fn predict(
     Ok(Tensor::cat(&out, 0)?)
 }
 
+/// Logits of an ONNX model for every image of `data`, `batch` images per run; `bar` counts
+/// the images done.
+pub fn onnx_logits(
+    model: &OnnxModel,
+    data: &Dataset,
+    batch: usize,
+    bar: &ProgressBar,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(data.len());
+    let rows: Vec<usize> = (0..data.len()).collect();
+    for chunk in rows.chunks(batch.max(1)) {
+        let images: Vec<&[u8]> = chunk.iter().map(|&i| data.image(i)).collect();
+        out.extend(model.logits_for_pixels(&images)?.to_vec2::<f32>()?);
+        bar.inc(chunk.len() as u64);
+    }
+    Ok(out)
+}
+
 /// Mean cross-entropy and accuracy of `model` on `data`. On the CPU this runs the graph the
 /// export writes, through the planned executor (the server's runtime) when it covers the
 /// graph: it measures what the exported file computes, and for the six-convolution network
 /// it is several times faster than the model's candle forward pass, which validation used to
 /// take from every epoch. Elsewhere, and for graphs the executor does not plan, the model's
 /// own forward pass runs.
-pub(crate) fn validate(
-    model: &dyn Classifier,
-    data: &Dataset,
-    device: &Device,
-) -> Result<(f64, f64)> {
+fn validate(model: &dyn Classifier, data: &Dataset, device: &Device) -> Result<(f64, f64)> {
     let planned = match device.is_cpu() {
         true => Some(crate::export::in_memory(model)?).filter(|m| m.plan().is_some()),
         false => None,
     };
-    let logits: Vec<f32> = match planned {
-        Some(onnx) => {
-            let mut out = Vec::with_capacity(data.len() * NUM_CLASSES);
-            let rows: Vec<usize> = (0..data.len()).collect();
-            for chunk in rows.chunks(500) {
-                let images: Vec<&[u8]> = chunk.iter().map(|&i| data.image(i)).collect();
-                out.extend(
-                    onnx.logits_for_pixels(&images)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?,
-                );
-            }
-            out
-        }
-        None => predict(model, data, 1000, device)?
-            .flatten_all()?
-            .to_vec1::<f32>()?,
+    let logits = match planned {
+        Some(onnx) => onnx_logits(&onnx, data, 500, &ProgressBar::hidden())?,
+        None => predict(model, data, 1000, device)?.to_vec2::<f32>()?,
     };
     let (mut loss, mut correct) = (0f64, 0usize);
-    for (row, &label) in logits.chunks(NUM_CLASSES).zip(&data.labels) {
+    for (row, &label) in logits.iter().zip(&data.labels) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
         loss += max + sum.ln() - row[label as usize] as f64;
