@@ -163,10 +163,10 @@ soak-ci: build
 	$(call need_pkg,wrk,command -v wrk)
 	@bash scripts/soak.sh $(RELEASE)/fmnist-serve $(MODEL) $(SOAK_ADDR) 45s
 
-# The shipped model must keep its promise on the full official test set: the training issue's
-# target, 0.93 (the shipped model reaches 0.9311, BENCHMARKS.md), through candle-onnx (the
-# reference runtime) and through the planned executor the server runs.
-MIN_ACCURACY ?= 0.93
+# The shipped model must keep its promise on the full official test set: 0.94 (the six-conv
+# model shipped on 2026-12-08 reaches 0.9412 with its flip averaging, BENCHMARKS.md), through
+# candle-onnx (the reference runtime) and through the planned executor the server runs.
+MIN_ACCURACY ?= 0.94
 check-shipped:
 	$(TRAIN) eval --model $(MODEL) --data data/fashion-mnist_test.csv --min-accuracy $(MIN_ACCURACY) \
 	  --engine candle-onnx --json target/shipped-eval.json
@@ -182,7 +182,8 @@ $(VENV)/.ok: scripts/requirements.txt
 # The same for a VGG16 transfer export (random backbone, mlp head, 64 px: the 3-channel input,
 # resize and the adaptive pool's upsampling MatMuls), for a random six-conv GELU network
 # (examples/gelu_model.rs: GELU as the opset-13 Erf chain, on the planned executor), and for a
-# `train --arch six` export (one epoch on the fixture: GELU, global average pooling).
+# `train --arch six --act gelu --flip-average` export (one epoch on the fixture: GELU, global average pooling,
+# and flip averaging written as Slice + Concat ... Reshape + ReduceMean).
 test-onnxruntime: build $(VENV)/.ok
 	$(TRAIN) eval --model $(MODEL) --data fixtures/sample.csv --logits-out target/candle-logits.json >/dev/null
 	$(VENV)/bin/python scripts/onnxruntime_agrees.py $(MODEL) fixtures/sample.csv target/candle-logits.json
@@ -199,7 +200,7 @@ test-onnxruntime: build $(VENV)/.ok
 	  | grep -q '^engine planned' || { echo "the GELU network did not run on the planned executor" >&2; exit 1; }
 	$(VENV)/bin/python scripts/onnxruntime_agrees.py target/ort-gelu/gelu.onnx fixtures/sample.csv target/ort-gelu/logits.json
 	@rm -f target/ort-six/six.ckpt.*
-	$(TRAIN) train --arch six --data fixtures/sample.csv --epochs 1 --batch-size 32 --out target/ort-six/six.onnx --quiet
+	$(TRAIN) train --arch six --act gelu --flip-average --data fixtures/sample.csv --epochs 1 --batch-size 32 --out target/ort-six/six.onnx --quiet
 	$(TRAIN) eval --model target/ort-six/six.onnx --data fixtures/sample.csv --logits-out target/ort-six/logits.json \
 	  | grep -q '^engine planned' || { echo "the six-conv network did not run on the planned executor" >&2; exit 1; }
 	$(VENV)/bin/python scripts/onnxruntime_agrees.py target/ort-six/six.onnx fixtures/sample.csv target/ort-six/logits.json
@@ -240,7 +241,7 @@ bench-kernels: build $(VENV)/.ok
 	$(TRAIN) bench-kernels --model $(MODEL)
 	$(VENV)/bin/python scripts/bench_onnxruntime.py $(MODEL) fixtures/sample.csv
 	@if $(TORCH_PY) -c "import torch" 2>/dev/null; then \
-	  for net in cnn six; do for flags in "" "--channels-last" "--channels-last --bf16"; do \
+	  for net in cnn six six-relu; do for flags in "" "--channels-last" "--channels-last --bf16"; do \
 	    $(TORCH_PY) scripts/bench_pytorch.py --seconds 5 --net $$net $$flags 2>/dev/null; \
 	  done; done; \
 	else echo "PyTorch row skipped: $(TORCH_PY) cannot import torch (set TORCH_PY)"; fi

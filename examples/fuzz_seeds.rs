@@ -29,6 +29,7 @@ fn tiny_cnn() -> ModelProto {
         name: "tiny".into(),
         input: InputLayout::Gray,
         num_classes: 10,
+        flip_average: false,
         layers: vec![
             Layer::Normalize {
                 mean: vec![0.5],

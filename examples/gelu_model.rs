@@ -58,6 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         name: "gelu-six-conv-random".into(),
         input: InputLayout::Gray,
         num_classes: 10,
+        flip_average: false,
         layers,
         metadata: vec![],
     };

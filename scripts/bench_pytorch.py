@@ -6,7 +6,8 @@ maxpool2 → conv3x3(96, no bias) → batch-norm → ReLU → maxpool2 → fc(12
 dropout(0.1) → fc(10); cross-entropy, AdamW (weight decay 1e-4), batch 128, float32, CPU.
 `--sizes 32 64 128 --no-bn` is the training issue's plain 2-conv CNN. `--net six` is the
 6-conv network of the accuracy-per-minute issue (3 blocks × 2 × [conv3×3 + batch-norm + GELU],
-32/64/128 channels, max-pool after the first two blocks, global average pool, fc 10).
+32/64/128 channels, max-pool after the first two blocks, global average pool, fc 10);
+`--net six-relu` is the same with ReLU, fmnist's default recipe since 2026-12-08.
 `--bf16` runs forward and loss under `torch.autocast("cpu", dtype=torch.bfloat16)`, the one
 line a PyTorch user adds on a CPU with AVX512_BF16 or AMX.
 Each timed step is what `fmnist-train train` does per batch: forward, loss, backward,
@@ -46,11 +47,11 @@ def model(c1=32, c2=96, hidden=128, dropout=0.1, bn=True):
     )
 
 
-def six_conv(widths=(32, 64, 128)):
+def six_conv(widths=(32, 64, 128), act=nn.GELU):
     layers, cin = [], 1
     for i, w in enumerate(widths):
         for _ in range(2):
-            layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.GELU()]
+            layers += [nn.Conv2d(cin, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), act()]
             cin = w
         if i < len(widths) - 1:
             layers.append(nn.MaxPool2d(2))
@@ -106,7 +107,8 @@ def main():
         help="the issue's plain 2-conv CNN: biased convolutions, no batch-norm",
     )
     ap.add_argument("--sizes", type=int, nargs=3, default=[32, 96, 128], metavar=("C1", "C2", "H"))
-    ap.add_argument("--net", choices=["cnn", "six"], default="cnn", help="cnn: the shipped recipe; six: the 6-conv net")
+    ap.add_argument("--net", choices=["cnn", "six", "six-relu"], default="cnn",
+                    help="cnn: the 2-conv CNN; six: the issue's 6-conv GELU net; six-relu: with ReLU")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and loss")
     ap.add_argument("--vgg", type=int, metavar="SIZE", help="time VGG16 features instead")
     args = ap.parse_args()
@@ -116,7 +118,12 @@ def main():
         return
     torch.manual_seed(0)
     c1, c2, hidden = args.sizes
-    net = six_conv() if args.net == "six" else model(c1, c2, hidden, bn=not args.no_bn)
+    if args.net == "six":
+        net = six_conv()
+    elif args.net == "six-relu":
+        net = six_conv(act=nn.ReLU)
+    else:
+        net = model(c1, c2, hidden, bn=not args.no_bn)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -139,7 +146,9 @@ def main():
         step()
         steps += 1
     secs = time.perf_counter() - start
-    name = "6-conv 32/64/128 BN+GELU" if args.net == "six" else f"CNN {c1}-{c2}-{hidden}"
+    name = {"six": "6-conv 32/64/128 BN+GELU", "six-relu": "6-conv 32/64/128 BN+ReLU"}.get(
+        args.net, f"CNN {c1}-{c2}-{hidden}"
+    )
     print(
         f"pytorch {torch.__version__} CPU, {args.threads} threads, {name}, batch {args.batch}"
         f"{' bf16 autocast' if args.bf16 else ' fp32'}"

@@ -299,7 +299,7 @@ fn edit(g: &mut onnx::GraphProto, s: &mut Script<'_>) -> Option<()> {
     Some(())
 }
 
-/// Structured mutations of a real model (in the fuzz target, the shipped CNN): the bytes are
+/// Structured mutations of a real model (in the fuzz target, the shipped model): the bytes are
 /// an edit script (op types, attributes, initializer shapes and data, wiring, the input
 /// shape). Loading refuses or yields a model whose plan runs and agrees with candle-onnx.
 /// Why a script and not mutated files: the corpus stays a few bytes per entry instead of

@@ -670,6 +670,7 @@ fn serves_a_three_channel_model_with_server_side_resizing() {
         name: "rgb".into(),
         input: fmnist::InputLayout::Rgb { size },
         num_classes: 10,
+        flip_average: false,
         layers: vec![
             Layer::Conv2d {
                 weight: (0..54).map(|i| ((i % 5) as f32 - 2.0) * 0.1).collect(),

@@ -1,5 +1,5 @@
 #![no_main]
-//! Edit scripts over the shipped CNN; see `fmnist::fuzzing::onnx_mutate`.
+//! Edit scripts over the shipped model; see `fmnist::fuzzing::onnx_mutate`.
 use prost::Message;
 use std::sync::OnceLock;
 

@@ -653,6 +653,7 @@ mod tests {
             name: "rgb".into(),
             input: InputLayout::Rgb { size },
             num_classes: 10,
+            flip_average: false,
             layers: vec![
                 Layer::Normalize {
                     mean: crate::preprocess::IMAGENET_MEAN.to_vec(),

@@ -155,6 +155,19 @@ enum Step {
         c: usize,
     },
     Linear(Linear),
+    /// Flip test-time averaging, first half: `n` channels-last maps become `2n`, the images
+    /// followed by their mirror images (ONNX `Concat(x, Slice(x, step −1 on the width))`
+    /// along the batch).
+    MirrorBatch {
+        h: usize,
+        w: usize,
+        c: usize,
+    },
+    /// Second half: `2n` vectors of `f` become `n`, each the mean of row `i` and row `n + i`
+    /// (ONNX `Reshape` to `[2, N, f]` and `ReduceMean` over the first axis).
+    MeanHalves {
+        f: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -280,6 +293,7 @@ impl Plan {
             steps: Vec::new(),
             shape: input,
             current: input_name.to_string(),
+            doubled: false,
         };
         let nodes = &graph.node;
         let mut i = 0;
@@ -291,6 +305,9 @@ impl Plan {
                 "the chain of nodes ends in '{}', not the output '{output_name}'",
                 planner.current
             ));
+        }
+        if planner.doubled {
+            return Err("the mirrored images are never averaged back".into());
         }
         planner.materialise_chw();
         let outputs = match planner.shape {
@@ -367,8 +384,10 @@ impl Plan {
                 x
             }
         };
+        let mut n = n;
         for step in &self.steps {
             x = step.run(x, n, self.split_single);
+            n = step.images_after(n);
         }
         debug_assert_eq!(x.len(), n * self.outputs);
         // The logits leave in a buffer of their own size; the working one stays for reuse.
@@ -381,9 +400,11 @@ impl Plan {
     pub fn profile(&self, input: &[f32], n: usize) -> Vec<(String, std::time::Duration)> {
         let mut x = input.to_vec();
         let mut out = Vec::new();
+        let mut n = n;
         for step in &self.steps {
             let t = std::time::Instant::now();
             x = step.run(x, n, self.split_single);
+            n = step.images_after(n);
             out.push((step.name(), t.elapsed()));
         }
         recycle(x);
@@ -406,6 +427,8 @@ struct Planner<'c, 'a> {
     steps: Vec<Step>,
     shape: Shape,
     current: String,
+    /// Between a [`Step::MirrorBatch`] and its [`Step::MeanHalves`]: the batch is doubled.
+    doubled: bool,
 }
 
 impl<'c, 'a> Planner<'c, 'a> {
@@ -718,10 +741,101 @@ impl<'c, 'a> Planner<'c, 'a> {
                 }
                 self.linear(weight, bias, f, out);
             }
+            "Slice" => {
+                let out = self.mirror_batch(node, &inputs, next)?;
+                self.current = out;
+                return Ok(2);
+            }
+            "Reshape" => {
+                let out = self.mean_halves(node, &inputs, next)?;
+                self.current = out;
+                return Ok(2);
+            }
             other => return Err(format!("operator {other} (node '{}')", node.name)),
         }
         self.current = node.output[0].clone();
         Ok(consumed)
+    }
+
+    /// `Slice(x, starts [-1], ends [≤ -W-1], axes [3], steps [-1])` (the mirror image) and a
+    /// `Concat` of `x` and it along the batch, the first half of flip test-time averaging as
+    /// [`crate::onnx::writer::GraphSpec::flip_average`] writes it. Returns the Concat's
+    /// output.
+    fn mirror_batch(
+        &mut self,
+        slice: &NodeProto,
+        inputs: &[Option<ConstInput<'_>>],
+        next: Option<&NodeProto>,
+    ) -> Result<String, String> {
+        let refuse = || {
+            Err(format!(
+                "Slice '{}' is not a mirror image concatenated to its input",
+                slice.name
+            ))
+        };
+        let Shape::Map { h, w, c } = self.shape else {
+            return refuse();
+        };
+        let one = |i: usize| match inputs.get(i) {
+            Some(Some((_, v))) if v.len() == 1 => Some(v[0]),
+            _ => None,
+        };
+        // Starts at the last column (−1 or W−1) and runs past the first one.
+        let (starts, ends, axes, steps) = (one(1), one(2), one(3), one(4));
+        let mirror = matches!(inputs.first(), Some(None))
+            && slice.attribute.is_empty()
+            && (starts == Some(-1.0) || starts == Some(w as f32 - 1.0))
+            && ends.is_some_and(|e| e <= -(w as f32) - 1.0)
+            && (axes == Some(3.0) || axes == Some(-1.0))
+            && steps == Some(-1.0);
+        let Some(concat) = next else { return refuse() };
+        let concat_ok = concat.op_type == "Concat"
+            && concat.input == [self.current.clone(), slice.output[0].clone()]
+            && concat.output.len() == 1
+            && concat.attribute.len() == 1
+            && attr(concat, "axis").is_some_and(|a| a.i == 0);
+        if !mirror || !concat_ok || self.doubled {
+            return refuse();
+        }
+        self.steps.push(Step::MirrorBatch { h, w, c });
+        self.doubled = true;
+        Ok(concat.output[0].clone())
+    }
+
+    /// `Reshape(x, [2, -1, F])` then `ReduceMean(axes [0], keepdims 0)`: the second half of
+    /// flip test-time averaging. Returns the ReduceMean's output.
+    fn mean_halves(
+        &mut self,
+        reshape: &NodeProto,
+        inputs: &[Option<ConstInput<'_>>],
+        next: Option<&NodeProto>,
+    ) -> Result<String, String> {
+        let refuse = || {
+            Err(format!(
+                "Reshape '{}' is not the mean of the two halves of a mirrored batch",
+                reshape.name
+            ))
+        };
+        let Shape::Flat { f, .. } = self.shape else {
+            return refuse();
+        };
+        let pairs = matches!(inputs.first(), Some(None))
+            && reshape.attribute.is_empty()
+            && matches!(inputs.get(1), Some(Some((_, v))) if v[..] == [2.0, -1.0, f as f32]);
+        let Some(mean) = next else { return refuse() };
+        let mean_ok = mean.op_type == "ReduceMean"
+            && mean.input == reshape.output
+            && mean.output.len() == 1
+            && attr_ints(mean, "axes").is_some_and(|a| a == [0])
+            && attr_int(mean, "keepdims", 1) == 0
+            && refuse_attrs(mean, &["axes", "keepdims"]).is_ok();
+        if !pairs || !mean_ok || !self.doubled {
+            return refuse();
+        }
+        self.materialise_chw();
+        self.steps.push(Step::MeanHalves { f });
+        self.doubled = false;
+        Ok(mean.output[0].clone())
     }
 
     /// The value of a one-element constant.
@@ -1268,6 +1382,8 @@ impl Step {
             Step::PoolRows { s, inp, .. } => format!("PoolRows {inp:?}->{s}"),
             Step::PoolCols { s, inp, .. } => format!("PoolCols {inp:?}->{s}"),
             Step::ToChw { h, w, c } => format!("ToChw {h}x{w}x{c}"),
+            Step::MirrorBatch { h, w, c } => format!("MirrorBatch {h}x{w}x{c}"),
+            Step::MeanHalves { f } => format!("MeanHalves {f}"),
             Step::Linear(l) => format!(
                 "Linear {}->{}{} [{}]",
                 l.inp,
@@ -1275,6 +1391,15 @@ impl Step {
                 if l.relu { " +ReLU" } else { "" },
                 l.weight.kernel_name()
             ),
+        }
+    }
+
+    /// Images in the batch after this step, for `n` before it.
+    fn images_after(&self, n: usize) -> usize {
+        match self {
+            Step::MirrorBatch { .. } => 2 * n,
+            Step::MeanHalves { .. } => n / 2,
+            _ => n,
         }
     }
 
@@ -1394,6 +1519,27 @@ impl Step {
                             dst[ch * hw + p] = src[p * c + ch];
                         }
                     }
+                }
+                y
+            }
+            Step::MirrorBatch { h, w, c } => {
+                let (row, c) = (w * c, *c);
+                let mut y = scratch(2 * x.len());
+                let (same, mirrored) = y.split_at_mut(x.len());
+                same.copy_from_slice(&x);
+                for (src, dst) in x.chunks_exact(row).zip(mirrored.chunks_exact_mut(row)) {
+                    for (s, d) in src.chunks_exact(c).zip(dst.chunks_exact_mut(c).rev()) {
+                        d.copy_from_slice(s);
+                    }
+                }
+                debug_assert_eq!(x.len() % (h * row), 0);
+                y
+            }
+            Step::MeanHalves { f } => {
+                let half = n / 2 * f;
+                let mut y = scratch(half);
+                for ((d, a), b) in y.iter_mut().zip(&x[..half]).zip(&x[half..2 * half]) {
+                    *d = (a + b) / 2.0;
                 }
                 y
             }
@@ -1548,10 +1694,12 @@ mod tests {
             out_features: 10,
             bias: r.vec(10, 0.3),
         });
+        let flip_average = side > 0 && r.below(3) == 0;
         GraphSpec {
             name: "random".into(),
             input,
             num_classes: 10,
+            flip_average,
             layers,
             metadata: vec![],
         }
@@ -1578,7 +1726,119 @@ mod tests {
         }
     }
 
-    /// The shipped CNN's shape at batch sizes that take the serial and the parallel paths.
+    /// `input` (`[N, C, H, W]` row-major) with every row reversed: the mirror images.
+    fn mirrored(input: &[f32], w: usize) -> Vec<f32> {
+        input
+            .chunks_exact(w)
+            .flat_map(|row| row.iter().rev().copied())
+            .collect()
+    }
+
+    fn logits(m: &OnnxModel, input: &[f32], n: usize, planned: bool) -> Vec<f32> {
+        let shape = m.layout().batch_shape(n);
+        let t = Tensor::from_vec(input.to_vec(), shape, &Device::Cpu).unwrap();
+        let out = if planned {
+            m.run(&t)
+        } else {
+            m.run_candle_onnx(&t)
+        };
+        out.unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    /// A flip-averaged graph scores each image by the mean of the plain graph's logits for it
+    /// and for its mirror image, on the planned executor and in candle-onnx alike, at odd and
+    /// even batch sizes, on gray and RGB inputs.
+    #[test]
+    fn flip_average_is_the_mean_of_the_image_and_its_mirror() {
+        let mut r = Lcg(5);
+        let mut cases = 0;
+        while cases < 12 {
+            let mut spec = random_spec(&mut r);
+            if spec.input == InputLayout::Flat {
+                continue;
+            }
+            cases += 1;
+            spec.flip_average = false;
+            let plain = model(&spec);
+            spec.flip_average = true;
+            let flip = model(&spec);
+            assert!(
+                flip.engine_description().starts_with("planned"),
+                "{}",
+                flip.engine_description()
+            );
+            let w = *flip.layout().batch_shape(1).last().unwrap();
+            for n in [1, 2, 5] {
+                let len: usize = flip.layout().batch_shape(n).iter().product();
+                let input = r.vec(len, 1.0);
+                let a = logits(&plain, &input, n, true);
+                let b = logits(&plain, &mirrored(&input, w), n, true);
+                let want: Vec<f32> = a.iter().zip(&b).map(|(a, b)| (a + b) / 2.0).collect();
+                let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                for planned in [true, false] {
+                    let got = logits(&flip, &input, n, planned);
+                    assert_eq!(got.len(), want.len());
+                    let diff = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(g, w)| (g - w).abs() / scale)
+                        .fold(0f32, f32::max);
+                    assert!(diff < 2e-5, "batch {n}, planned {planned}: {diff}");
+                }
+            }
+        }
+    }
+
+    /// Anything but the exact mirror-and-average pattern is left to candle-onnx: a vertical
+    /// flip, a slice that keeps every other column, a mean that keeps the pair axis.
+    #[test]
+    fn near_misses_of_flip_averaging_are_not_planned() {
+        let mut r = Lcg(9);
+        let spec = loop {
+            let s = random_spec(&mut r);
+            if s.input != InputLayout::Flat {
+                break GraphSpec {
+                    flip_average: true,
+                    ..s
+                };
+            }
+        };
+        type Edit = fn(&mut candle_onnx::onnx::GraphProto);
+        let edits: [(&str, Edit); 3] = [
+            ("vertical flip", |g| {
+                let t = g.initializer.iter_mut().find(|t| t.name == "flip.axes");
+                t.unwrap().int64_data = vec![2];
+            }),
+            ("step -2", |g| {
+                let t = g.initializer.iter_mut().find(|t| t.name == "flip.steps");
+                t.unwrap().int64_data = vec![-2];
+            }),
+            ("keepdims", |g| {
+                let n = g.node.iter_mut().find(|n| n.op_type == "ReduceMean");
+                n.unwrap().attribute.retain(|a| a.name != "keepdims");
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut proto = build_model(&spec).unwrap();
+            edit(proto.graph.as_mut().unwrap());
+            // Output shape checks would reject the kept axis: drop the declared shape.
+            proto.graph.as_mut().unwrap().output[0].r#type = None;
+            let m = OnnxModel::from_proto(PathBuf::from("t.onnx"), proto, 0).unwrap();
+            assert!(
+                m.engine_description()
+                    .starts_with("candle-onnx (not planned"),
+                "{what}: {}",
+                m.engine_description()
+            );
+        }
+    }
+
+    /// The two-conv CNN's shape (the shipped model until 2026-12-08) at batch sizes that take
+    /// the serial and the parallel paths.
     #[test]
     fn fmnist_cnn_shape_agrees_on_both_threading_paths() {
         let mut r = Lcg(11);
@@ -1587,6 +1847,7 @@ mod tests {
             name: "cnn".into(),
             input: InputLayout::Gray,
             num_classes: 10,
+            flip_average: false,
             layers: vec![
                 Layer::Normalize {
                     mean: vec![0.286],
@@ -1668,6 +1929,7 @@ mod tests {
             name: "pool".into(),
             input: InputLayout::Rgb { size: 8 },
             num_classes: 10,
+            flip_average: false,
             layers: vec![
                 Layer::Conv2d {
                     weight: r.vec(6 * 3 * 9, 0.3),
@@ -1713,6 +1975,7 @@ mod tests {
             name: "gemm".into(),
             input: InputLayout::Flat,
             num_classes: 10,
+            flip_average: false,
             layers: vec![Layer::Linear {
                 weight: r.vec(10 * 784, 0.1),
                 in_features: 784,
@@ -1808,6 +2071,7 @@ mod tests {
             name: "gelu".into(),
             input: InputLayout::Gray,
             num_classes: 10,
+            flip_average: false,
             layers: vec![
                 Layer::Conv2d {
                     weight: r.vec(8 * 9, 0.8),

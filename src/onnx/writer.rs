@@ -66,6 +66,12 @@ pub struct GraphSpec {
     pub num_classes: usize,
     /// The layers, applied in order.
     pub layers: Vec<Layer>,
+    /// Flip test-time averaging inside the graph: the logits are the mean of the layers'
+    /// output for each image and for its mirror image (left-right). Written as a `Slice`
+    /// (step −1 along the width) and a `Concat` along the batch before the layers, and a
+    /// `Reshape` to `[2, N, classes]` and a `ReduceMean` over the first axis after them, so
+    /// any ONNX runtime computes it; it doubles the compute per image. Image inputs only.
+    pub flip_average: bool,
     /// Free-form key/value metadata (class names, training summary, ...).
     pub metadata: Vec<(String, String)>,
 }
@@ -79,6 +85,8 @@ pub enum WriteError {
         kind: &'static str,
         message: String,
     },
+    #[error("{0}")]
+    Spec(String),
     #[error("cannot write {path}: {source}")]
     Io {
         path: PathBuf,
@@ -171,11 +179,30 @@ fn tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
     }
 }
 
+fn int64s(name: &str, values: &[i64]) -> TensorProto {
+    TensorProto {
+        name: name.to_string(),
+        dims: vec![values.len() as i64],
+        data_type: DataType::Int64 as i32,
+        int64_data: values.to_vec(),
+        ..Default::default()
+    }
+}
+
 fn ints(name: &str, values: &[i64]) -> AttributeProto {
     AttributeProto {
         name: name.to_string(),
         r#type: AttributeType::Ints as i32,
         ints: values.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn int(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.to_string(),
+        r#type: AttributeType::Int as i32,
+        i: value,
         ..Default::default()
     }
 }
@@ -219,11 +246,48 @@ pub fn build_model(spec: &GraphSpec) -> Result<ModelProto, WriteError> {
     let mut nodes = Vec::new();
     let mut initializers = Vec::new();
     let mut current = INPUT_NAME.to_string();
+    if spec.flip_average {
+        if spec.input == InputLayout::Flat {
+            return Err(WriteError::Spec(
+                "flip averaging needs an image input ([N, C, H, W]), not flat pixels".into(),
+            ));
+        }
+        if spec.layers.is_empty() {
+            return Err(WriteError::Spec("flip averaging of an empty graph".into()));
+        }
+        // pixels[:, :, :, ::-1], then [pixels; mirrored] along the batch.
+        for (what, v) in [
+            ("starts", -1),
+            ("ends", i64::MIN),
+            ("axes", 3),
+            ("steps", -1),
+        ] {
+            initializers.push(int64s(&format!("flip.{what}"), &[v]));
+        }
+        let inputs = ["starts", "ends", "axes", "steps"].map(|w| format!("flip.{w}"));
+        nodes.push(node(
+            "Slice",
+            "flip_mirror".into(),
+            std::iter::once(current.clone()).chain(inputs).collect(),
+            "flip.mirrored".into(),
+        ));
+        let mut concat = node(
+            "Concat",
+            "flip_batch".into(),
+            vec![current, "flip.mirrored".into()],
+            "flip.both".into(),
+        );
+        concat.attribute = vec![int("axis", 0)];
+        nodes.push(concat);
+        current = "flip.both".into();
+    }
     let last = spec.layers.len().saturating_sub(1);
     for (i, layer) in spec.layers.iter().enumerate() {
         layer.check(i)?;
-        let out = if i == last {
+        let out = if i == last && !spec.flip_average {
             OUTPUT_NAME.to_string()
+        } else if i == last {
+            "flip.logits_both".to_string()
         } else {
             format!("l{i}_{}", layer.kind().to_lowercase())
         };
@@ -380,6 +444,24 @@ pub fn build_model(spec: &GraphSpec) -> Result<ModelProto, WriteError> {
         }
         current = out;
     }
+    if spec.flip_average {
+        // [2N, classes] -> [2, N, classes] -> mean over the first axis: [N, classes].
+        initializers.push(int64s("flip.pairs", &[2, -1, spec.num_classes as i64]));
+        nodes.push(node(
+            "Reshape",
+            "flip_pairs".into(),
+            vec![current, "flip.pairs".into()],
+            "flip.pairs_out".into(),
+        ));
+        let mut mean = node(
+            "ReduceMean",
+            "flip_mean".into(),
+            vec!["flip.pairs_out".into()],
+            OUTPUT_NAME.into(),
+        );
+        mean.attribute = vec![ints("axes", &[0]), int("keepdims", 0)];
+        nodes.push(mean);
+    }
     let input_dims: Vec<Option<usize>> = std::iter::once(None)
         .chain(spec.input.batch_shape(1)[1..].iter().map(|&d| Some(d)))
         .collect();
@@ -480,6 +562,26 @@ mod tests {
 
     fn rows(m: &[f32], len: usize) -> Vec<Vec<f32>> {
         m.chunks(len).map(|r| r.to_vec()).collect()
+    }
+
+    /// Flip averaging mirrors images: a graph over flat pixels cannot have it.
+    #[test]
+    fn flip_averaging_needs_an_image_input() {
+        let spec = GraphSpec {
+            name: "flat".into(),
+            input: InputLayout::Flat,
+            num_classes: 10,
+            flip_average: true,
+            layers: vec![Layer::Linear {
+                weight: vec![0.0; 7840],
+                in_features: 784,
+                out_features: 10,
+                bias: vec![0.0; 10],
+            }],
+            metadata: vec![],
+        };
+        let err = build_model(&spec).unwrap_err().to_string();
+        assert!(err.contains("image input"), "{err}");
     }
 
     #[test]

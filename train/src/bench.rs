@@ -1,5 +1,5 @@
 //! `fmnist-train bench-kernels`: candle's stock paths against fmnist's kernels, in one run, on
-//! the same machine and threads — the training step of the shipped CNN recipe, inference of
+//! the same machine and threads — the training step of the CNN recipes, inference of
 //! an ONNX model at batch 64 and batch 1, and VGG16 feature extraction.
 //!
 //! Every figure is measured by running the real code on the committed sample images for at
@@ -82,13 +82,15 @@ pub fn run(b: &BenchKernels) -> Result<()> {
 }
 
 /// One optimizer step (forward, loss, backward, AdamW) at batch 128 with flips and shifts: the
-/// shipped CNN recipe through candle's autograd (stock ops, fmnist's custom ops) and through
-/// the training engine, then the six-convolution GELU network (`train --arch six`, the network
-/// `scripts/bench_pytorch.py --net six` builds) through autograd and the engine.
+/// two-conv CNN (`train --arch two`) through candle's autograd (stock ops, fmnist's custom
+/// ops) and through the training engine, then the six-convolution GELU network (the issue's
+/// peer, `scripts/bench_pytorch.py --net six`) through autograd and the engine, then the
+/// default recipe's six-convolution ReLU network (`--net six-relu`) through the engine.
 fn training_step(b: &BenchKernels) -> Result<()> {
     let dev = Device::Cpu;
     let rows: Vec<usize> = (0..128).map(|i| i % b.data.len()).collect();
     let six = CnnConfig::six([32, 64, 128], crate::engine::Act::Gelu, 0.0);
+    let six_relu = CnnConfig::six([32, 64, 128], crate::engine::Act::Relu, 0.0);
     /// How a row's step runs.
     #[derive(Clone, Copy, PartialEq)]
     enum Step {
@@ -101,9 +103,9 @@ fn training_step(b: &BenchKernels) -> Result<()> {
     const ENGINE_BF16: &str = "fmnist training engine, amx-bf16 (train's default here)";
     /// A network's title, its shape, and its rows: label and step implementation.
     type Rows<'a> = (&'a str, CnnConfig, Vec<(&'a str, Step)>);
-    let rows_of: [Rows; 2] = [
+    let rows_of: [Rows; 3] = [
         (
-            "shipped CNN recipe 32-96-128",
+            "two-conv CNN 32-96-128 (--arch two)",
             CnnConfig::default(),
             vec![
                 (
@@ -119,13 +121,21 @@ fn training_step(b: &BenchKernels) -> Result<()> {
             ],
         ),
         (
-            "six-conv GELU 32/64/128 (--arch six)",
+            "six-conv GELU 32/64/128 (--arch six --act gelu)",
             six,
             vec![
                 (
                     "candle autograd (fmnist custom ops + GELU)",
                     Step::Autograd(false),
                 ),
+                (ENGINE_FP32, Step::Engine { bf16: false }),
+                (ENGINE_BF16, Step::Engine { bf16: true }),
+            ],
+        ),
+        (
+            "six-conv ReLU 32/64/128 (--arch six, the default recipe)",
+            six_relu,
+            vec![
                 (ENGINE_FP32, Step::Engine { bf16: false }),
                 (ENGINE_BF16, Step::Engine { bf16: true }),
             ],
@@ -379,6 +389,7 @@ fn vgg(b: &BenchKernels) -> Result<()> {
             name: "vgg16-bench".into(),
             input: layout,
             num_classes: NUM_CLASSES,
+            flip_average: false,
             layers: model.export_layers()?,
             metadata: vec![],
         };

@@ -9,13 +9,19 @@ use fmnist::{CLASS_NAMES, NUM_CLASSES};
 use std::path::Path;
 
 /// Writes `out` (ONNX) and its `.safetensors` sibling. `metadata` is stored in the ONNX file
-/// beside the class names.
-pub fn export(model: &dyn Classifier, out: &Path, metadata: Vec<(String, String)>) -> Result<()> {
+/// beside the class names. `flip_average`: the graph averages each image's logits with its
+/// mirror image's ([`GraphSpec::flip_average`]).
+pub fn export(
+    model: &dyn Classifier,
+    out: &Path,
+    metadata: Vec<(String, String)>,
+    flip_average: bool,
+) -> Result<()> {
     let name = out
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "fmnist".into());
-    writer::write_model(out, &graph_spec(model, name, metadata)?)?;
+    writer::write_model(out, &graph_spec(model, name, metadata, flip_average)?)?;
     let st = out.with_extension("safetensors");
     save_tensors_atomic(&st, &model.params().tensors())
         .with_context(|| format!("writing {}", st.display()))?;
@@ -27,6 +33,7 @@ fn graph_spec(
     model: &dyn Classifier,
     name: String,
     metadata: Vec<(String, String)>,
+    flip_average: bool,
 ) -> Result<GraphSpec> {
     let mut meta = vec![(
         "class_names".to_string(),
@@ -38,6 +45,7 @@ fn graph_spec(
         input: model.layout(),
         num_classes: NUM_CLASSES,
         layers: model.export_layers()?,
+        flip_average,
         metadata: meta,
     })
 }
@@ -46,8 +54,9 @@ fn graph_spec(
 /// (the planned executor when it covers the graph). Validation runs through it: it measures
 /// what the exported file computes, and the executor is several times faster than candle's
 /// forward pass.
-pub fn in_memory(model: &dyn Classifier) -> Result<OnnxModel> {
-    let proto = writer::build_model(&graph_spec(model, "validation".into(), vec![])?)?;
+pub fn in_memory(model: &dyn Classifier, flip_average: bool) -> Result<OnnxModel> {
+    let spec = graph_spec(model, "validation".into(), vec![], flip_average)?;
+    let proto = writer::build_model(&spec)?;
     Ok(OnnxModel::from_proto(
         std::path::PathBuf::from("<in memory>"),
         proto,
@@ -105,7 +114,7 @@ pub(crate) mod tests {
         let model = Cnn::new(CnnConfig::default(), &mut loader::rng(3, 0), &Device::Cpu).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("m.onnx");
-        export(&model, &out, vec![("k".into(), "v".into())]).unwrap();
+        export(&model, &out, vec![("k".into(), "v".into())], false).unwrap();
         assert!(out.with_extension("safetensors").exists());
         let onnx = assert_onnx_matches(&model, &out, &data, 1e-4);
         assert_eq!(onnx.metadata_value("k"), Some("v"));
@@ -145,7 +154,7 @@ pub(crate) mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("six.onnx");
-        export(&model, &out, vec![]).unwrap();
+        export(&model, &out, vec![], false).unwrap();
         let onnx = assert_onnx_matches(&model, &out, &data, 1e-4);
         assert!(onnx.plan().is_some(), "{}", onnx.engine_description());
     }

@@ -62,7 +62,7 @@ enum Command {
     /// Measure VGG16 feature extraction (images/s per input size) and head-training time.
     BenchVgg(BenchVggArgs),
     /// Compare candle's stock paths with fmnist's kernels in one run: the training step of the
-    /// shipped CNN recipe, inference at batch 64 and batch 1 (candle-onnx vs the planned
+    /// CNN recipes, inference at batch 64 and batch 1 (candle-onnx vs the planned
     /// executor), and VGG16 feature extraction.
     BenchKernels(BenchKernelsArgs),
 }
@@ -188,15 +188,17 @@ struct TrainArgs {
     /// vgg16: images per backbone forward pass during feature extraction.
     #[arg(long, default_value_t = 16)]
     extract_batch: usize,
-    /// Passes over the training data [default: 24 for cnn, 18 for vgg16].
+    /// Passes over the training data [default: 20 for --arch six, 24 for --arch two, 18 for
+    /// vgg16].
     #[arg(long)]
     epochs: Option<usize>,
     /// Images per optimisation step.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    /// Peak learning rate (AdamW; linear warm-up, then cosine decay to zero).
-    #[arg(long, default_value_t = 2e-3)]
-    lr: f64,
+    /// Peak learning rate (AdamW; linear warm-up, then cosine decay to zero) [default: 4e-3 for
+    /// --arch six, 2e-3 for --arch two and vgg16].
+    #[arg(long)]
+    lr: Option<f64>,
     /// Decoupled weight decay.
     #[arg(long, default_value_t = 1e-4)]
     weight_decay: f64,
@@ -206,14 +208,25 @@ struct TrainArgs {
     /// Training-time augmentation (cnn; vgg16 trains on cached features of the plain images).
     #[arg(long, value_enum, default_value_t = loader::Augment::FlipShift)]
     augment: loader::Augment,
-    /// Label smoothing: share of each target spread evenly over the ten classes.
-    #[arg(long, default_value_t = 0.0)]
-    label_smoothing: f64,
+    /// Label smoothing: share of each target spread evenly over the ten classes [default: 0.1
+    /// for --arch six, 0 for --arch two].
+    #[arg(long)]
+    label_smoothing: Option<f64>,
     /// cnn: export an exponential moving average of the weights with this decay (e.g. 0.999)
     /// instead of the last weights; batch-norm statistics are then recomputed for it on 100
     /// training batches. 0: off.
     #[arg(long, default_value_t = 0.0)]
     ema: f64,
+    /// cnn: export a graph that scores each image by the mean of its logits and those of its
+    /// mirror image (flip test-time averaging, written in plain ONNX operators that the
+    /// planned executor and onnxruntime run). Twice the compute per prediction; validation
+    /// and --test measure the averaged scores. The default for --arch six.
+    #[arg(long, overrides_with = "no_flip_average")]
+    flip_average: bool,
+    /// cnn: export a single-pass graph (half the serving cost of --flip-average); the default
+    /// for --arch two.
+    #[arg(long, overrides_with = "flip_average")]
+    no_flip_average: bool,
     /// Share of the training file held out (stratified) for the per-epoch validation line.
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
@@ -221,11 +234,13 @@ struct TrainArgs {
     /// seed and data give the same weights.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// cnn: the network. 'two' (the default, the shipped model): two pooled ReLU
-    /// convolutions (--cnn-sizes), a hidden layer, dropout. 'six': three blocks of two GELU
-    /// convolutions (--six-widths), max-pool after the first two blocks, global average
-    /// pooling, one output layer; about 4.6× the arithmetic of 'two' per image.
-    #[arg(long, value_enum, default_value_t = Arch::Two)]
+    /// cnn: the network. 'six' (the default, the shipped model): three blocks of two
+    /// convolutions with batch-norm and ReLU (--six-widths), max-pool after the first two
+    /// blocks, global average pooling, one output layer. 'two' (the shipped model until
+    /// 2026-12-08): two pooled ReLU convolutions (--cnn-sizes), a hidden layer, dropout; about
+    /// a fifth of the arithmetic of 'six' per image, and 1.1 points less accurate
+    /// (BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = Arch::Six)]
     arch: Arch,
     /// --arch two: width of the first and second convolution and of the hidden layer.
     #[arg(long, default_values_t = [32, 96, 128], num_args = 3, value_names = ["C1", "C2", "HIDDEN"])]
@@ -238,7 +253,8 @@ struct TrainArgs {
     /// --arch two's default; '32p,64,64p' adds a convolution at 14×14.
     #[arg(long, value_parser = parse_convs, value_name = "SPEC")]
     convs: Option<ConvList>,
-    /// cnn: the activation after each batch-norm [default: relu for two, gelu for six].
+    /// cnn: the activation after each batch-norm ('gelu' costs a quarter more training time
+    /// than 'relu' on the six-conv network for no measured gain) [default: relu].
     #[arg(long, value_enum)]
     act: Option<engine::Act>,
     /// Dropout before the output layer [default: 0.1 for --arch two, 0 for six, 0.3 for the
@@ -302,8 +318,9 @@ struct EvalArgs {
     #[arg(long, value_enum, default_value_t = fmnist::server::config::EngineChoice::Auto)]
     engine: fmnist::server::config::EngineChoice,
     /// Flip test-time averaging: score each image by the mean of its logits and those of its
-    /// mirror image (twice the compute). A measurement of what averaging would give: the
-    /// server and the model file compute single passes.
+    /// mirror image (twice the compute). A measurement of what averaging would give a
+    /// single-pass model; a file trained with it (the default recipe's) averages already,
+    /// and so does evaluating its .safetensors checkpoint.
     #[arg(long)]
     flip_average: bool,
 }
@@ -396,6 +413,10 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         Some(p) => Some(load_data(p, None)?),
         None => None,
     };
+    let defaults = match a.arch {
+        Arch::Six => train::SIX_DEFAULTS,
+        Arch::Two => train::TWO_DEFAULTS,
+    };
     let mut recipe = train::Recipe {
         model: a.model.clone(),
         cnn: match a.arch {
@@ -409,19 +430,24 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
                 let w = &a.six_widths;
                 CnnConfig::six(
                     [w[0], w[1], w[2]],
-                    a.act.unwrap_or(engine::Act::Gelu),
+                    a.act.unwrap_or(engine::Act::Relu),
                     a.dropout.unwrap_or(0.0),
                 )
             }
         },
-        epochs: a.epochs.unwrap_or(train::CNN_EPOCHS),
+        epochs: a.epochs.unwrap_or(defaults.epochs),
         batch_size: a.batch_size,
-        lr: a.lr,
+        lr: a.lr.unwrap_or(defaults.lr),
         weight_decay: a.weight_decay,
         warmup_epochs: a.warmup_epochs,
         augment: a.augment,
-        label_smoothing: a.label_smoothing,
+        label_smoothing: a.label_smoothing.unwrap_or(defaults.label_smoothing),
         ema: a.ema,
+        flip_average: match (a.flip_average, a.no_flip_average) {
+            (true, _) => true,
+            (_, true) => false,
+            _ => defaults.flip_average,
+        },
         val_fraction: a.val_fraction,
         seed: a.seed,
     };
@@ -473,6 +499,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         model.as_ref(),
         &out,
         vec![("training".to_string(), summary.to_string())],
+        state.recipe.flip_average,
     )?;
     let test_report = match (&test, &a.test) {
         (Some(t), Some(path)) => {
@@ -584,7 +611,7 @@ fn cmd_train_vgg(a: TrainArgs) -> Result<()> {
         input_size: a.input_size,
         epochs: a.epochs.unwrap_or(transfer::HEAD_EPOCHS),
         batch_size: a.batch_size,
-        lr: a.lr,
+        lr: a.lr.unwrap_or(transfer::HEAD_LR),
         weight_decay: a.weight_decay,
         val_fraction: a.val_fraction,
         seed: a.seed,
@@ -626,6 +653,7 @@ fn cmd_train_vgg(a: TrainArgs) -> Result<()> {
         &model,
         &out,
         vec![("training".to_string(), summary.to_string())],
+        false,
     )?;
     let info = serde_json::json!({
         "model_file": out.file_name().map(|f| f.to_string_lossy().to_string()),
@@ -760,6 +788,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let mut engine = String::from("candle (the training graph)");
     let mut onnx = None;
     let mut candle = None;
+    // A checkpoint whose export averages over the mirror image is scored the same way, so
+    // that its figures are the exported file's.
+    let mut recipe_flips = false;
     match ext.as_deref() {
         Some("onnx") => {
             let m = OnnxModel::load(&a.model)?.with_engine(a.engine.into());
@@ -786,6 +817,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             let tensors = candle_core::safetensors::load(&a.model, &dev)
                 .with_context(|| format!("reading {}", a.model.display()))?;
             models::Classifier::params(&model).assign(&tensors, &a.model)?;
+            recipe_flips = recipe.flip_average;
             candle = Some(model);
         }
         _ => bail!(
@@ -803,11 +835,15 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         }
     };
     let mut logits = run(&d)?;
-    if a.flip_average {
+    if a.flip_average || recipe_flips {
         for (l, f) in logits.iter_mut().zip(run(&d.mirrored())?) {
             l.iter_mut().zip(f).for_each(|(x, y)| *x = 0.5 * (*x + y));
         }
-        engine.push_str(", flip-averaged");
+        engine.push_str(if recipe_flips {
+            ", flip-averaged as its export"
+        } else {
+            ", flip-averaged"
+        });
     }
     if let Some(p) = &a.logits_out {
         let json = serde_json::to_vec(&serde_json::json!({ "logits": logits }))?;

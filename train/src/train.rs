@@ -20,9 +20,33 @@ use std::time::Instant;
 /// Set by the Ctrl-C handler; the loop checks it after every batch.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
-/// Epochs of the default CNN recipe: ≥ 0.93 test accuracy in under 20 minutes on the 2-core
-/// machine (BENCHMARKS.md).
-pub const CNN_EPOCHS: usize = 24;
+/// What `train` uses for the flags a user leaves out, per architecture.
+#[derive(Debug, Clone, Copy)]
+pub struct ArchDefaults {
+    pub epochs: usize,
+    pub lr: f64,
+    pub label_smoothing: f64,
+    pub flip_average: bool,
+}
+
+/// The default recipe (`make train`, the shipped model): the six-convolution ReLU network,
+/// 20 epochs, twice the two-conv learning rate, label smoothing 0.1, flip averaging in the
+/// exported graph. Under 10 minutes on the 2-core Xeon with AMX (BENCHMARKS.md).
+pub const SIX_DEFAULTS: ArchDefaults = ArchDefaults {
+    epochs: 20,
+    lr: 4e-3,
+    label_smoothing: 0.1,
+    flip_average: true,
+};
+
+/// The two-convolution CNN's recipe (the shipped model until 2026-12-08): ≥ 0.93 test
+/// accuracy in 5 minutes on the Xeon with AMX (BENCHMARKS.md).
+pub const TWO_DEFAULTS: ArchDefaults = ArchDefaults {
+    epochs: 24,
+    lr: 2e-3,
+    label_smoothing: 0.0,
+    flip_average: false,
+};
 
 /// Everything that determines the trained weights (with the data).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +68,10 @@ pub struct Recipe {
     /// weights are exported). With an average, batch-norm statistics are recomputed for it.
     #[serde(default)]
     pub ema: f64,
+    /// The exported graph averages each image's logits with those of its mirror image (flip
+    /// test-time averaging; twice the compute per prediction). Validation measures it too.
+    #[serde(default)]
+    pub flip_average: bool,
 }
 
 /// Cross-entropy with optional label smoothing: `(1-ε)·NLL + ε·mean over classes of -log p`.
@@ -184,9 +212,14 @@ pub fn onnx_logits(
 /// it is several times faster than the model's candle forward pass, which validation used to
 /// take from every epoch. Elsewhere, and for graphs the executor does not plan, the model's
 /// own forward pass runs.
-fn validate(model: &dyn Classifier, data: &Dataset, device: &Device) -> Result<(f64, f64)> {
+fn validate(
+    model: &dyn Classifier,
+    data: &Dataset,
+    device: &Device,
+    flip_average: bool,
+) -> Result<(f64, f64)> {
     let planned = match device.is_cpu() {
-        true => Some(crate::export::in_memory(model)?).filter(|m| m.plan().is_some()),
+        true => Some(crate::export::in_memory(model, flip_average)?).filter(|m| m.plan().is_some()),
         false => None,
     };
     let logits = match planned {
@@ -513,11 +546,11 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
         let (val_loss, val_accuracy) = if val.is_empty() {
             (None, None)
         } else {
-            let (l, a) = validate(&model, &val, &run.device)?;
+            let (l, a) = validate(&model, &val, &run.device, recipe.flip_average)?;
             (Some(l), Some(a))
         };
         let test_accuracy = match run.track {
-            Some(t) => Some(validate(&model, t, &run.device)?.1),
+            Some(t) => Some(validate(&model, t, &run.device, recipe.flip_average)?.1),
             None => None,
         };
         let summary = EpochSummary {
@@ -561,7 +594,7 @@ pub fn train(run: &TrainRun, recipe: Recipe) -> Result<Outcome> {
         let rows = loader::epoch_order(&train_rows, recipe.seed, recipe.epochs);
         recalibrate_bn(&model, run.data, &rows, recipe.batch_size, &run.device)?;
         if !val.is_empty() {
-            let (l, a) = validate(&model, &val, &run.device)?;
+            let (l, a) = validate(&model, &val, &run.device, recipe.flip_average)?;
             ema_val_accuracy = Some(a);
             if !run.quiet {
                 eprintln!(

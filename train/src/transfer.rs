@@ -276,6 +276,7 @@ pub fn backbone_plan(vgg: &Vgg16, mode: HeadMode, input_size: usize) -> Option<P
         name: "vgg16-backbone".into(),
         input: layout,
         num_classes: feature_dim(vgg, mode),
+        flip_average: false,
         layers: backbone_layers(vgg, mode, input_size).ok()?,
         metadata: vec![],
     };
@@ -388,6 +389,8 @@ pub fn cached_features(
 pub const HEAD_EPOCHS: usize = 18;
 /// Default dropout of a VGG16 head (`--dropout` when not given).
 pub const HEAD_DROPOUT: f32 = 0.3;
+/// Default peak learning rate of the head.
+pub const HEAD_LR: f64 = 2e-3;
 
 /// Head-training settings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -651,7 +654,7 @@ mod tests {
         assert_eq!(snapshot(&model.backbone), before);
 
         let out = dir.path().join("vgg.onnx");
-        crate::export::export(&model, &out, vec![]).unwrap();
+        crate::export::export(&model, &out, vec![], false).unwrap();
         assert_onnx_matches(&model, &out, &data, 1e-3);
         // The safetensors sibling holds the head only.
         let st = candle_core::safetensors::load(out.with_extension("safetensors"), &dev).unwrap();
@@ -682,7 +685,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("vgg64.onnx");
-        crate::export::export(&model, &out, vec![]).unwrap();
+        crate::export::export(&model, &out, vec![], false).unwrap();
         assert_onnx_matches(&model, &out, &data, 1e-4);
     }
 }

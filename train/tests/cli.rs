@@ -154,7 +154,8 @@ fn trains_on_the_fixture_and_evaluates_the_exported_model() {
         "--min-accuracy must fail a model below it"
     );
 
-    // --flip-average scores each image by the mean of its logits and its mirror image's.
+    // --flip-average scores each image by the mean of its logits and its mirror image's
+    // (here the file's own averaging already has).
     let text = std::fs::read_to_string(&fx).unwrap();
     let mut lines = text.lines();
     let mut mirrored = format!("{}\n", lines.next().unwrap());
@@ -188,9 +189,65 @@ fn trains_on_the_fixture_and_evaluates_the_exported_model() {
             );
         }
     }
-    assert_ne!(averaged, plain, "the mirror images changed nothing");
+    // The default recipe's file averages over the mirror image itself: an image and its
+    // mirror image get the same scores (a single-pass file's differ:
+    // train_flip_average_builds_the_averaging_into_the_file).
+    for (p, f) in plain.iter().zip(&flipped) {
+        for j in 0..10 {
+            assert!((p[j] - f[j]).abs() < 1e-5, "{p:?} vs its mirror's {f:?}");
+        }
+    }
     let o = eval(&out, &fx, &["--flip-average"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("flip-averaged"));
+}
+
+/// `train --flip-average` trains the same weights and writes a file whose scores are the
+/// flip-averaged scores of the plain file (`eval --flip-average`), on the planned executor.
+#[test]
+fn train_flip_average_builds_the_averaging_into_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture();
+    let (plain, flip) = (dir.path().join("plain.onnx"), dir.path().join("flip.onnx"));
+    for (out, extra) in [
+        (&plain, &["--no-flip-average"]),
+        (&flip, &["--flip-average"]),
+    ] {
+        let mut args = train_args(out.to_str().unwrap(), "2");
+        args.extend(["--arch", "six", "--six-widths", "8", "8", "16"]);
+        args.extend(extra);
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    assert_eq!(
+        read(&plain.with_extension("safetensors")),
+        read(&flip.with_extension("safetensors")),
+        "--flip-average changed the training"
+    );
+    let info: Value = serde_json::from_slice(&read(&flip.with_extension("json"))).unwrap();
+    assert_eq!(info["recipe"]["flip_average"], true);
+    let logits = |model: &Path, extra: &[&str]| -> Vec<Vec<f64>> {
+        let path = dir.path().join("logits.json");
+        let mut args = vec!["--logits-out", path.to_str().unwrap()];
+        args.extend(extra);
+        let o = eval(model, &fx, &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("engine planned"),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        let v: Value = serde_json::from_slice(&read(&path)).unwrap();
+        serde_json::from_value(v["logits"].clone()).unwrap()
+    };
+    let (want, got) = (logits(&plain, &["--flip-average"]), logits(&flip, &[]));
+    assert_eq!(want.len(), got.len());
+    for (w, g) in want.iter().zip(&got) {
+        for j in 0..10 {
+            assert!((w[j] - g[j]).abs() < 1e-5, "{w:?} vs {g:?}");
+        }
+    }
+    assert_ne!(got, logits(&plain, &[]), "the file does not average");
 }
 
 #[test]

@@ -16,9 +16,9 @@
 //!   (keeping the arg-max) and two passes backward;
 //! - the input image's gradient, which nothing needs, is never computed.
 //!
-//! The shipped CNN and deeper recipes are both just lists of [`Layer`]s. A step computes
-//! the same function and the same gradients as candle's autograd over the same ops (tests
-//! below, for several networks, widths and batch sizes, and finite differences), including
+//! The two-conv CNN and the six-conv default recipe are both just lists of [`Layer`]s. A step
+//! computes the same function and the same gradients as candle's autograd over the same ops
+//! (tests below, for several networks, widths and batch sizes, and finite differences), including
 //! the dropout mask, drawn from the same random stream in the same order. Sums are split into
 //! fixed chunks combined in order, so a step's result does not depend on the number of
 //! threads.
@@ -845,7 +845,7 @@ pub(crate) mod tests {
         Layer::Linear { outputs, relu }
     }
 
-    /// The shipped CNN's shape.
+    /// The two-conv CNN's shape.
     fn cnn(c1: usize, c2: usize, hidden: usize, p: f32) -> Vec<Layer> {
         let mut l = Vec::new();
         l.extend(conv(c1, Act::Relu, true));
@@ -937,7 +937,7 @@ pub(crate) mod tests {
     }
 
     /// Same loss, gradients and batch statistics as candle's autograd over the same ops, for
-    /// the shipped CNN and a six-convolution GELU network; widths that take the AVX-512
+    /// the two-conv CNN and a six-convolution GELU network; widths that take the AVX-512
     /// kernels (multiples of 16) and widths that take the portable ones; batches of one image
     /// up to several parallel chunks; with and without dropout and label smoothing.
     #[test]
@@ -998,7 +998,7 @@ pub(crate) mod tests {
 
     /// Central finite differences of the loss agree with the analytic gradient on the
     /// coordinates with the largest gradients of every parameter tensor: for a smooth network
-    /// (GELU, no max-pooling, global average pooling) and for the shipped CNN's shape (ReLU,
+    /// (GELU, no max-pooling, global average pooling) and for the two-conv CNN's shape (ReLU,
     /// max-pool, dropout with a fixed mask).
     #[test]
     fn finite_differences() {
