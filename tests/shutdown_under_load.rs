@@ -308,6 +308,11 @@ fn grace_period_end_answers_503_and_a_second_signal_exits_at_once() {
     // A request that cannot finish in time: its batch waits (up to 20 s) for a body that is
     // still arriving and never completes.
     let hold = |s: &Server| {
+        // One complete request first: it puts the credentials in the server's cache, so the
+        // held request reaches the batcher (as a body on its way) without an argon2
+        // verification that, on a machine busy with the other tests' load, can outlast the
+        // pauses below.
+        assert_eq!(post_to(&s.addr, "/predict", &body).status, 200);
         let mut slow = std::net::TcpStream::connect(&s.addr).unwrap();
         write!(
             slow,
@@ -316,11 +321,11 @@ fn grace_period_end_answers_503_and_a_second_signal_exits_at_once() {
             body.len()
         )
         .unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(300));
         let addr = s.addr.clone();
         let b = body.clone();
         let waiting = std::thread::spawn(move || post_to(&addr, "/predict", &b));
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(300));
         (slow, waiting)
     };
     let args = [
